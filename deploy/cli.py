@@ -1,0 +1,178 @@
+"""The ``deploy`` command: a thin layer over the Python API with the same names.
+
+deploy optimize [--model FILE] [--data FILE] [--device-profile FILE] [--out DIR]
+deploy pick RUN_DIR (--max-latency-ms X | --max-accuracy-drop P)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+
+from deploy.errors import DeployError
+
+logger = logging.getLogger("deploy")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of milliseconds"
+        ) from None
+
+
+def _passes(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deploy", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    optimize = commands.add_parser(
+        "optimize", help="shrink a model for a device and report the frontier"
+    )
+    optimize.add_argument(
+        "--model",
+        help="a .py file with build_model() (or FILE.py:NAME), or a .pt2 "
+        "ExportedProgram; default: the CNN trained on scikit-learn's digits",
+    )
+    optimize.add_argument(
+        "--data", help=".npz with 'inputs' and optional 'labels'; default: held-out digits"
+    )
+    optimize.add_argument(
+        "--device-profile",
+        help="device profile YAML; default: device_profiles/local-cpu.yaml, "
+        "measured on this machine where missing",
+    )
+    optimize.add_argument("--out", help="run folder to create; default: runs/<model>-<time>")
+    optimize.add_argument(
+        "--budget-ms",
+        type=_floats,
+        help="comma-separated latency budgets in ms; "
+        "default: a sweep from the fastest plan to the fp32 baseline",
+    )
+    optimize.add_argument(
+        "--num-budgets", type=int, default=10, help="budgets in the default sweep (default 10)"
+    )
+    optimize.add_argument(
+        "--passes",
+        type=_passes,
+        default=None,
+        help="comma-separated passes from lowrank,prune,quantize (default: all)",
+    )
+    optimize.add_argument(
+        "--no-finetune", action="store_true", help="skip recovery fine-tuning by distillation"
+    )
+    optimize.add_argument(
+        "--task",
+        choices=["classification", "embedding"],
+        default="classification",
+        help="how agreement is measured (default: classification)",
+    )
+    optimize.add_argument(
+        "--resume", action="store_true", help="finish an interrupted run of the same --out"
+    )
+    optimize.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a pickled .pt model; unpickling can run arbitrary code",
+    )
+
+    pick = commands.add_parser("pick", help="choose one variant of a finished run by constraint")
+    pick.add_argument("run_dir", help="folder written by 'deploy optimize'")
+    pick.add_argument(
+        "--max-latency-ms", type=float, help="most accurate variant with p50 at or under this"
+    )
+    pick.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        help="fastest variant within this many percentage points of the baseline",
+    )
+    pick.add_argument("--json", action="store_true", help="print the chosen manifest entry as JSON")
+    return parser
+
+
+def _optimize(args) -> int:
+    from deploy.finetune import FinetuneConfig
+    from deploy.pipeline import OptimizeConfig, optimize
+
+    config_args = {
+        "budgets_ms": args.budget_ms,
+        "num_budgets": args.num_budgets,
+        "task": args.task,
+        "finetune": None if args.no_finetune else FinetuneConfig(),
+    }
+    if args.passes is not None:
+        config_args["passes"] = args.passes
+    config = OptimizeConfig(**config_args)
+    manifest = optimize(
+        args.model,
+        args.data,
+        args.device_profile,
+        out=args.out,
+        config=config,
+        resume=args.resume,
+        allow_pickle=args.allow_pickle,
+    )
+    front = [v for v in manifest["variants"] if v["on_frontier"]]
+    base = manifest["baseline"]["latency_ms"]["p50"]
+    for v in sorted(front, key=lambda v: v["latency_ms"]["p50"]):
+        print(
+            f"{v['name']}  p50 {v['latency_ms']['p50']:.3f} ms ({base / v['latency_ms']['p50']:.2f}x)  "
+            f"accuracy {v['accuracy']}  agreement {v['agreement']:.4f}  {v['summary']}"
+        )
+    return 0
+
+
+def _pick(args) -> int:
+    from deploy.pick import pick
+
+    chosen = pick(
+        args.run_dir, max_latency_ms=args.max_latency_ms, max_accuracy_drop=args.max_accuracy_drop
+    )
+    if args.json:
+        print(json.dumps(chosen, indent=2))
+    else:
+        print(
+            f"{chosen['name']}: p50 {chosen['latency_ms']['p50']:.3f} ms, accuracy {chosen['accuracy']}, "
+            f"agreement {chosen['agreement']:.4f}, {chosen.get('summary', '')}"
+        )
+        print(f"artifact: {args.run_dir.rstrip('/')}/{chosen['artifact']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if not args.debug:
+        for noisy in ("torch_pruning", "onnxslim", "matplotlib", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    handlers = {"optimize": _optimize, "pick": _pick}
+    try:
+        return handlers[args.command](args)
+    except DeployError as exc:
+        if args.debug:
+            raise
+        print(f"deploy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "deploy: interrupted; pass --resume with the same --out to finish the run",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Loading the user's trained model without unpickling untrusted data.
+
+Accepted forms:
+
+- a Python file with a function that returns the trained ``nn.Module``:
+  ``model.py`` (the function is ``build_model``) or ``model.py:make_net``;
+- an ExportedProgram saved with ``torch.export.save`` (``.pt2``);
+- a whole pickled module (``.pt``/``.pth``) only with ``allow_pickle=True``,
+  because unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deploy.errors import DeployError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FACTORY = "build_model"
+
+
+def load_model(spec: str | os.PathLike, allow_pickle: bool = False) -> nn.Module:
+    """Load a model from ``spec`` (see the module docstring) and return it in eval mode."""
+    text = str(spec)
+    factory = DEFAULT_FACTORY
+    if ".py:" in text:
+        text, factory = text.rsplit(":", 1)
+    path = Path(text)
+    if not path.is_file():
+        raise DeployError(
+            f"model file {path} not found; pass a .py file with a {DEFAULT_FACTORY}() function "
+            f"or an ExportedProgram .pt2 with --model"
+        )
+    if not os.access(path, os.R_OK):
+        raise DeployError(f"model file {path} is not readable; check its permissions")
+    suffix = path.suffix.lower()
+    if suffix == ".py":
+        model = _from_python(path, factory)
+    elif suffix == ".pt2":
+        model = _from_exported_program(path)
+    elif suffix in (".pt", ".pth"):
+        model = _from_pickle(path, allow_pickle)
+    else:
+        raise DeployError(
+            f"model file {path} has suffix {suffix!r}; deploy reads .py (a {DEFAULT_FACTORY}() "
+            f"function), .pt2 (torch.export.save) or, with --allow-pickle, .pt"
+        )
+    if not isinstance(model, nn.Module):
+        raise DeployError(f"{spec} produced a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _from_python(path: Path, factory: str) -> nn.Module:
+    name = f"deploy_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise DeployError(
+            f"importing model file {path} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        sys.path.remove(str(path.parent))
+    build = getattr(module, factory, None)
+    if not callable(build):
+        functions = sorted(
+            k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+        )
+        raise DeployError(
+            f"model file {path} has no function {factory}(); define it to return the trained "
+            f"nn.Module, or name another with --model {path}:NAME (callables found: {functions})"
+        )
+    try:
+        return build()
+    except Exception as exc:
+        raise DeployError(f"{path}:{factory}() failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _from_exported_program(path: Path) -> nn.Module:
+    from deploy.exported import module_from_exported_program
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise DeployError(
+            f"model file {path} is not a readable ExportedProgram ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); save it with torch.export.save"
+        ) from exc
+    return module_from_exported_program(program)
+
+
+def _from_pickle(path: Path, allow_pickle: bool) -> nn.Module:
+    if not allow_pickle:
+        raise DeployError(
+            f"model file {path} is a pickle, and loading it could run arbitrary code; save the model "
+            f"with torch.export.save as .pt2 or pass a .py file, or pass --allow-pickle if you trust it"
+        )
+    warnings.warn(
+        f"unpickling {path} with torch.load(weights_only=False): only do this for files you trust",
+        stacklevel=3,
+    )
+    try:
+        return torch.load(str(path), weights_only=False, map_location="cpu")
+    except Exception as exc:
+        raise DeployError(
+            f"model file {path} could not be unpickled: {type(exc).__name__}: {exc}"
+        ) from exc

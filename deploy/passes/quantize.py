@@ -1,0 +1,116 @@
+"""Int8 quantization: the recipe, and its simulation in PyTorch.
+
+The int8 rewrite itself is ONNX Runtime's quantization tool, applied to the
+exported ONNX file (``exporters.onnx.quantize_onnx``). This module holds the
+recipe that travels with each variant and a fake-quantization of one layer,
+which the sensitivity analysis uses to estimate what int8 costs that layer
+without leaving PyTorch.
+
+This pass is lossy: it does not preserve the computation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+PRESERVES_COMPUTATION = False
+METHODS = ("static", "dynamic")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclasses.dataclass
+class QuantizeConfig:
+    """How a variant is quantized.
+
+    Attributes:
+        method: ``static`` (QDQ, uint8 activations calibrated ahead of time,
+            int8 weights) or ``dynamic`` (int8 weights, activations quantized at
+            run time; MatMul-type nodes only). Defaults to ``static``.
+        layers: PyTorch names of the layers quantized to int8; the others
+            stay in float.
+        per_channel: one weight scale per output channel. Defaults to True.
+        reduce_range: 7-bit weights, for CPUs without VNNI whose u8s8 kernels
+            can saturate. Defaults to False.
+        calibrate_method: ``minmax``, ``entropy`` or ``percentile``.
+            Defaults to ``minmax``.
+    """
+
+    method: str = "static"
+    layers: list[str] = dataclasses.field(default_factory=list)
+    per_channel: bool = True
+    reduce_range: bool = False
+    calibrate_method: str = "minmax"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"quantize method {self.method!r} is not one of {METHODS}")
+        if self.calibrate_method not in CALIBRATION_METHODS:
+            raise ValueError(
+                f"calibration method {self.calibrate_method!r} is not one of {CALIBRATION_METHODS}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantizeConfig:
+        return cls(**data)
+
+
+def _quantize_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    # Symmetric int8 in [-127, 127], as ONNX Runtime's QInt8 weights.
+    dims = tuple(range(1, weight.dim()))
+    if per_channel:
+        scale = weight.abs().amax(dim=dims, keepdim=True) / 127.0
+    else:
+        scale = weight.abs().max() / 127.0
+    scale = scale.clamp(min=1e-12)
+    return (weight / scale).round().clamp(-127, 127) * scale
+
+
+def _quantize_activation(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    # Asymmetric uint8 over [min(low, 0), max(high, 0)], as ONNX Runtime's QUInt8 activations.
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = max((high - low) / 255.0, 1e-12)
+    zero_point = round(-low / scale)
+    q = (x / scale + zero_point).round().clamp(0, 255)
+    return (q - zero_point) * scale
+
+
+def fake_quantize_layer(
+    model: nn.Module,
+    name: str,
+    calibration_inputs: tuple[torch.Tensor, ...],
+    *,
+    per_channel: bool = True,
+    quantize_input: bool = True,
+) -> nn.Module:
+    """Return a copy of ``model`` whose layer ``name`` computes as int8 would.
+
+    The weight is rounded to int8 and, when ``quantize_input``, the layer's
+    input to uint8 with a range calibrated (min/max) on ``calibration_inputs``.
+    """
+    result = copy.deepcopy(model).eval()
+    layer = result.get_submodule(name)
+    bounds = [float("inf"), float("-inf")]
+
+    def observe(_module, args):
+        bounds[0] = min(bounds[0], float(args[0].min()))
+        bounds[1] = max(bounds[1], float(args[0].max()))
+
+    if quantize_input:
+        handle = layer.register_forward_pre_hook(observe)
+        with torch.no_grad():
+            result(*calibration_inputs)
+        handle.remove()
+        low, high = bounds
+        layer.register_forward_pre_hook(
+            lambda _m, args: (_quantize_activation(args[0], low, high), *args[1:])
+        )
+    with torch.no_grad():
+        layer.weight.copy_(_quantize_weight(layer.weight, per_channel))
+    return result

@@ -1,0 +1,664 @@
+"""``optimize``: the whole flow of one run, from model and data to a run folder.
+
+analyze -> costs -> sensitivity -> plan -> materialize -> export -> validate -> report
+
+The run is built in a hidden ``.NAME.partial`` folder beside ``out`` and
+renamed to ``out`` once ``manifest.json`` is written, so ``out`` exists only
+when complete. A run that stops part-way leaves the partial folder;
+``resume=True`` picks it up, reusing the plans and every variant already
+validated.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from torch import nn
+
+from deploy.analyze import analyze
+from deploy.costs import PASSES, CostTable, SearchSpace, layer_options
+from deploy.data import Dataset, dataset_from_arrays, load_data
+from deploy.errors import DeployError
+from deploy.finetune import FinetuneConfig, distill
+from deploy.models import load_model
+from deploy.passes.lowrank import LowRankConfig, apply_lowrank
+from deploy.passes.prune import PruneConfig, apply_prune, prunable_layers
+from deploy.passes.quantize import QuantizeConfig
+from deploy.planner import LayerChoices, Option, Plan, sweep
+from deploy.profiles import (
+    DEFAULT_PROFILE,
+    DeviceProfile,
+    load_profile,
+    local_profile_matches,
+    new_local_profile,
+    timing_protocol,
+)
+from deploy.report import MANIFEST, mark_frontier, write_atomic, write_report
+from deploy.sensitivity import measure_sensitivity
+from deploy.torch_utils import first_output, predict, to_tensors
+from deploy.validate import Validation, validate_artifact
+from exporters.onnx import ExportError, nodes_of_module, onnx_from_torch, quantize_onnx
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclasses.dataclass
+class OptimizeConfig:
+    """Settings of one ``optimize`` run; ``None`` means the default.
+
+    Attributes:
+        budgets_ms: latency budgets to plan for, in milliseconds. Defaults to
+            ``num_budgets`` budgets spaced from the fastest reachable plan to
+            the fp32 baseline.
+        num_budgets: budgets in the default sweep. Defaults to 10.
+        passes: passes the planner may use. Defaults to lowrank, prune and
+            quantize.
+        calibration_fraction: share of the data used for sensitivity,
+            calibration and fine-tuning; the rest is held out for validation.
+            Defaults to 0.4.
+        finetune: recovery fine-tuning by distillation for pruned or
+            factorized variants, or ``None`` to skip it. Defaults to
+            ``FinetuneConfig()``.
+        quantize: int8 recipe (method, per-channel, calibration). Defaults to
+            static QDQ, per-channel, min/max calibration.
+        space: options the planner may choose per layer.
+        task: ``classification`` (agreement is top-1 agreement) or
+            ``embedding`` (agreement is the share of samples with cosine
+            similarity >= 0.99). Defaults to ``classification``.
+        max_calibration_samples: cap on samples used for sensitivity and
+            quantization calibration. Defaults to 256.
+    """
+
+    budgets_ms: list[float] | None = None
+    num_budgets: int = 10
+    passes: tuple[str, ...] = PASSES
+    calibration_fraction: float = 0.4
+    finetune: FinetuneConfig | None = dataclasses.field(default_factory=FinetuneConfig)
+    quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
+    space: SearchSpace | None = None
+    task: str = "classification"
+    max_calibration_samples: int = 256
+
+    def __post_init__(self):
+        unknown = [p for p in self.passes if p not in PASSES]
+        if unknown:
+            raise DeployError(f"unknown pass {unknown[0]!r}; choose from {', '.join(PASSES)}")
+        if not 0.05 <= self.calibration_fraction <= 0.9:
+            raise DeployError(
+                f"calibration fraction {self.calibration_fraction} is outside [0.05, 0.9]; "
+                f"the rest of the data must be left for validation"
+            )
+        if self.task not in ("classification", "embedding"):
+            raise DeployError(f"task {self.task!r} is not 'classification' or 'embedding'")
+        if self.num_budgets < 1:
+            raise DeployError(f"num_budgets {self.num_budgets} must be at least 1")
+        if self.space is None:
+            self.space = SearchSpace(passes=tuple(self.passes))
+
+    def to_dict(self) -> dict:
+        return {
+            "budgets_ms": self.budgets_ms,
+            "num_budgets": self.num_budgets,
+            "passes": list(self.passes),
+            "calibration_fraction": self.calibration_fraction,
+            "finetune": self.finetune.to_dict() if self.finetune else None,
+            "quantize": self.quantize.to_dict(),
+            "space": self.space.to_dict(),
+            "task": self.task,
+        }
+
+
+class _Stage:
+    """Logs start and finish lines with timings for one stage."""
+
+    def __init__(self, number: int, total: int, name: str):
+        self.label = f"[{number}/{total}] {name}"
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        logger.info("%s ...", self.label)
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            logger.info("%s done in %.1f s", self.label, time.perf_counter() - self.start)
+
+
+def _progress(stage: str):
+    def report(done: int, total: int, name: str, elapsed: float):
+        logger.info("    %s %d/%d (%s) %.1f s", stage, done, total, name, elapsed)
+
+    return report
+
+
+def _resolve_profile(device_profile) -> DeviceProfile:
+    if isinstance(device_profile, DeviceProfile):
+        return device_profile
+    if device_profile is not None:
+        return load_profile(device_profile)
+    path = Path(DEFAULT_PROFILE)
+    if path.is_file():
+        profile = load_profile(path)
+        if local_profile_matches(profile):
+            return profile
+        logger.warning("%s was measured on another CPU; measuring a fresh profile", path)
+    profile = new_local_profile(path.stem)
+    profile.path = path
+    return profile
+
+
+def _resolve_data(data) -> tuple[Dataset, str]:
+    if data is None:
+        from deploy.zoo.digits import heldout_digits
+
+        return dataset_from_arrays(
+            heldout_digits(), "held-out digits"
+        ), "sklearn load_digits (held-out)"
+    if isinstance(data, Dataset):
+        return data, "in-memory dataset"
+    if isinstance(data, dict):
+        return dataset_from_arrays(data, "in-memory arrays"), "in-memory arrays"
+    return load_data(data), str(data)
+
+
+def _resolve_model(model, allow_pickle: bool) -> tuple[nn.Module, str]:
+    if model is None:
+        from deploy.zoo.digits import build_model
+
+        return build_model(), "digits-cnn"
+    if isinstance(model, nn.Module):
+        return model, type(model).__name__
+    return load_model(model, allow_pickle), Path(str(model).split(":")[0]).stem
+
+
+def _warn_on_batchnorm(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            warnings.warn(
+                f"BatchNorm {name!r} has no running statistics, so it normalizes with batch "
+                f"statistics even in eval mode and the exported graph differs from training",
+                stacklevel=3,
+            )
+
+
+def _io_names(model: nn.Module, data: Dataset) -> tuple[list[str], dict[str, dict[int, str]]]:
+    count = len(data.inputs)
+    names = ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+    axes: dict[str, dict[int, str]] = {}
+    for name, array in zip(names, data.inputs, strict=True):
+        axes[name] = {0: "batch"}
+        if np.issubdtype(array.dtype, np.integer) and array.ndim >= 2:
+            axes[name][1] = "sequence"
+    axes["output"] = {0: "batch"}
+    return names, axes
+
+
+def _check_model_runs(model: nn.Module, data: Dataset) -> np.ndarray:
+    try:
+        with torch.no_grad():
+            output = first_output(model(*to_tensors([a[:2] for a in data.inputs])))
+    except Exception as exc:
+        shapes = ", ".join(f"{a.shape[1:]} {a.dtype}" for a in data.inputs)
+        raise DeployError(
+            f"the model failed on the data's inputs (per sample: {shapes}): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            f"store inputs in the data file with the shape and dtype the model expects"
+        ) from exc
+    return output.detach().numpy()
+
+
+def _prepare_out(out: Path, resume: bool) -> Path:
+    partial = out.parent / f".{out.name}.partial"
+    if out.exists():
+        if (out / MANIFEST).is_file():
+            raise DeployError(
+                f"output folder {out} already holds a finished run; choose another --out"
+            )
+        raise DeployError(f"output folder {out} already exists; choose another --out or remove it")
+    if partial.exists() and not resume:
+        raise DeployError(
+            f"an interrupted run was found at {partial}; pass --resume to finish it, "
+            f"or remove that folder to start over"
+        )
+    (partial / "variants").mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def _save_json(path: Path, data) -> None:
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def _load_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _feeds(
+    names: list[str], arrays: list[np.ndarray], batch: int = 32
+) -> list[dict[str, np.ndarray]]:
+    return [
+        dict(zip(names, [a[s : s + batch] for a in arrays], strict=True))
+        for s in range(0, len(arrays[0]), batch)
+    ]
+
+
+def materialize(
+    original: nn.Module,
+    plan: Plan,
+    example_inputs,
+    calibration: list[np.ndarray],
+    config: OptimizeConfig,
+) -> tuple[nn.Module, dict]:
+    """Apply a plan's low-rank and prune options (then fine-tune) to a copy; return it and its recipe."""
+    ranks = {
+        n: int(o.struct.split(":")[1])
+        for n, o in plan.layers.items()
+        if o.struct.startswith("lowrank:")
+    }
+    keeps = {n: o.keep for n, o in plan.layers.items() if o.struct.startswith("prune:")}
+    lowrank = LowRankConfig(ranks)
+    prune = PruneConfig(keeps, config.space.round_to)
+    variant = apply_lowrank(original, lowrank)
+    variant = apply_prune(variant, prune, example_inputs)
+    finetuned = False
+    if (ranks or keeps) and config.finetune is not None:
+        variant = distill(variant, original, calibration, config.finetune)
+        finetuned = True
+    int8 = sorted(n for n, o in plan.layers.items() if o.precision == "int8")
+    quantize = dataclasses.replace(config.quantize, layers=int8)
+    recipe = {
+        "lowrank": lowrank.to_dict(),
+        "prune": prune.to_dict(),
+        "quantize": quantize.to_dict() if int8 else None,
+        "finetune": config.finetune.to_dict() if finetuned else None,
+    }
+    return variant.eval(), recipe
+
+
+def _export(model, example_inputs, path: Path, names, axes) -> None:
+    try:
+        onnx_from_torch(
+            model,
+            example_inputs,
+            path,
+            input_names=names,
+            output_names=["output"],
+            dynamic_axes=axes,
+        )
+    except ExportError as exc:
+        raise DeployError(
+            f"ONNX export of the model failed: {exc}; make the forward traceable by torch.onnx.export "
+            f"(no data-dependent Python control flow, standard ops)"
+        ) from exc
+
+
+def _quantize_variant(
+    float_path: Path, path: Path, plan: Plan, quantize: QuantizeConfig, feeds
+) -> None:
+    proto = onnx.load(str(float_path))
+    exclude = []
+    for name, option in plan.layers.items():
+        if option.precision != "int8":
+            exclude += nodes_of_module(proto, name, QUANTIZED_OPS)
+    quantize_onnx(
+        float_path,
+        path,
+        method=quantize.method,
+        calibration_feeds=feeds,
+        nodes_to_exclude=exclude,
+        per_channel=quantize.per_channel,
+        reduce_range=quantize.reduce_range,
+        calibrate_method=quantize.calibrate_method,
+    )
+
+
+def _entry(
+    name: str,
+    artifact: str,
+    validation: Validation,
+    predicted: float | None,
+    plan: dict | None,
+    summary: str,
+) -> dict:
+    return {
+        "name": name,
+        "plan": plan,
+        "summary": summary,
+        "artifact": artifact,
+        **validation.to_dict(),
+        "predicted_latency_ms": predicted,
+        "on_frontier": False,
+    }
+
+
+def optimize(
+    model: nn.Module | str | os.PathLike | None = None,
+    data: Dataset | dict | str | os.PathLike | None = None,
+    device_profile: DeviceProfile | str | os.PathLike | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    config: OptimizeConfig | None = None,
+    resume: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
+    """Optimize a trained model for a device; write a run folder and return its manifest.
+
+    Args:
+        model: an ``nn.Module``, or a path ``load_model`` reads (.py, .pt2).
+            Defaults to the CNN trained on scikit-learn's digits.
+        data: a ``Dataset``, a dict of arrays or an ``.npz`` path. Defaults to
+            the held-out digits.
+        device_profile: a ``DeviceProfile`` or a profile path. Defaults to
+            ``device_profiles/local-cpu.yaml``, measured here if missing.
+        out: run folder to create. Defaults to ``runs/<model>-<time>``.
+        config: run settings. Defaults to ``OptimizeConfig()``.
+        resume: finish an interrupted run of the same ``out``. Defaults to False.
+        allow_pickle: allow unpickling a ``.pt`` model. Defaults to False.
+
+    Raises:
+        DeployError: bad input or an impossible budget; no run folder is left behind.
+    """
+    config = config or OptimizeConfig()
+    user_model, model_name = _resolve_model(model, allow_pickle)
+    dataset, data_source = _resolve_data(data)
+    profile = _resolve_profile(device_profile)
+    if profile.runtime != "onnxruntime":
+        raise DeployError(
+            f"device profile {profile.name} targets {profile.runtime}; optimize measures with "
+            f"ONNX Runtime on this machine: pass an onnxruntime profile"
+        )
+    protocol = timing_protocol(profile)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out) if out is not None else Path("runs") / f"{model_name}-{stamp}"
+
+    # Work on a copy in eval mode: the user's model keeps its parameters and mode.
+    _warn_on_batchnorm(user_model)
+    original = copy.deepcopy(user_model).eval()
+    _check_model_runs(original, dataset)
+    calibration_set, validation_set = dataset.split(config.calibration_fraction)
+    calibration = [a[: config.max_calibration_samples] for a in calibration_set.inputs]
+    example_inputs = to_tensors([a[:2] for a in calibration])
+    names, axes = _io_names(original, dataset)
+    classification = config.task == "classification"
+
+    partial = _prepare_out(out, resume)
+    completed = False
+    try:
+        manifest = _run(
+            original,
+            model_name,
+            data_source,
+            profile,
+            protocol,
+            config,
+            calibration,
+            validation_set,
+            example_inputs,
+            names,
+            axes,
+            classification,
+            partial,
+        )
+        partial.rename(out)
+        completed = True
+    finally:
+        # Bad input found before any variant was validated leaves nothing behind;
+        # otherwise the partial folder stays for --resume.
+        if not completed and not any((partial / "variants").glob("*.json")):
+            shutil.rmtree(partial, ignore_errors=True)
+    logger.info(
+        "wrote %s (%d variants, %d on the frontier)",
+        out,
+        len(manifest["variants"]),
+        sum(v["on_frontier"] for v in manifest["variants"]),
+    )
+    return manifest
+
+
+def _run(
+    original,
+    model_name,
+    data_source,
+    profile,
+    protocol,
+    config,
+    calibration,
+    validation_set,
+    example_inputs,
+    names,
+    axes,
+    classification,
+    partial: Path,
+) -> dict:
+    total = 6
+    reference = predict(original, validation_set.inputs)
+
+    with _Stage(1, total, "export and validate the fp32 baseline"):
+        baseline = _load_json(partial / "baseline.json")
+        if baseline is None:
+            _export(original, example_inputs, partial / "baseline.onnx", names, axes)
+            check = validate_artifact(
+                partial / "baseline.onnx",
+                validation_set,
+                reference,
+                protocol,
+                classification=classification,
+            )
+            if not check:
+                raise DeployError(f"the fp32 export of the model is broken: {check.reason}")
+            baseline = _entry("baseline", "baseline.onnx", check, None, None, "fp32 baseline")
+            _save_json(partial / "baseline.json", baseline)
+        logger.info(
+            "    baseline p50 %.3f ms, accuracy %s",
+            baseline["latency_ms"]["p50"],
+            baseline["accuracy"],
+        )
+
+    planned = _load_json(partial / "plans.json")
+    if planned is None:
+        planned = _plan(original, profile, config, calibration, example_inputs, baseline, total)
+        _save_json(partial / "plans.json", planned)
+    else:
+        logger.info(
+            "[2-4/%d] reusing %d plans from the interrupted run", total, len(planned["plans"])
+        )
+    plans = [Plan.from_dict(p) for p in planned["plans"]]
+
+    with _Stage(5, total, f"materialize, export and validate {len(plans)} variants"):
+        feeds = _feeds(names, calibration)
+        variants = []
+        for i, plan in enumerate(plans):
+            name = f"v{i + 1:02d}"
+            saved = partial / "variants" / f"{name}.json"
+            entry = _load_json(saved)
+            if entry is None:
+                entry = _build_variant(
+                    name,
+                    plan,
+                    original,
+                    example_inputs,
+                    calibration,
+                    validation_set,
+                    reference,
+                    protocol,
+                    config,
+                    names,
+                    axes,
+                    feeds,
+                    classification,
+                    partial,
+                )
+                _save_json(saved, entry)
+            logger.info(
+                "    %s %-28s p50 %.3f ms (predicted %.3f), accuracy %s, %s",
+                name,
+                entry["summary"],
+                entry["latency_ms"].get("p50", float("nan")),
+                entry["predicted_latency_ms"],
+                entry["accuracy"],
+                entry["status"],
+            )
+            variants.append(entry)
+
+    with _Stage(6, total, "report"):
+        baseline["predicted_latency_ms"] = planned["baseline_predicted_ms"]
+        mark_frontier([baseline, *variants])
+        manifest = {
+            "schema_version": 1,
+            "model": model_name,
+            "created_at": datetime.datetime.now(datetime.timezone.utc)
+            .replace(microsecond=0)
+            .isoformat(),
+            "versions": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+            "device_profile": {
+                "name": profile.name,
+                "path": str(profile.path) if profile.path else None,
+                "runtime": profile.runtime,
+                "runtime_version": profile.data["runtime"]["version"],
+                "threads": profile.threads,
+                "cpu_model": profile.data["device"].get("cpu_model"),
+            },
+            "protocol": protocol.to_dict(),
+            "data": {
+                "source": data_source,
+                "calibration_samples": len(calibration[0]),
+                "validation_samples": len(validation_set),
+                "labels": validation_set.labels is not None,
+            },
+            "config": config.to_dict(),
+            "overhead_ms": planned["overhead_ms"],
+            "baseline": baseline,
+            "variants": variants,
+        }
+        write_report(partial, manifest)
+    return manifest
+
+
+def _plan(original, profile, config, calibration, example_inputs, baseline, total) -> dict:
+    with _Stage(2, total, "analyze"):
+        layers = analyze(original, example_inputs)
+        if not layers:
+            raise DeployError(
+                "the model has no Linear or Conv2d layer; deploy has nothing to optimize"
+            )
+        prunable = prunable_layers(original, example_inputs) if "prune" in config.passes else {}
+        logger.info(
+            "    %d layers, %.1fM multiply-adds, %.2f MB of parameters, %d prunable",
+            len(layers),
+            sum(x.macs for x in layers) / 1e6,
+            sum(x.param_bytes for x in layers) / 1e6,
+            len(prunable),
+        )
+
+    with _Stage(3, total, f"costs from device profile {profile.name}"):
+        costs = CostTable(profile)
+        options, latency, input_from, passthrough = layer_options(
+            original, layers, prunable, config.space, costs, progress=_progress("layer")
+        )
+        logger.info(
+            "    %d entries reused, %d measured%s",
+            costs.reused,
+            costs.measured,
+            f" and saved to {profile.path}" if profile.path and costs.measured else "",
+        )
+        dense = Option("dense", "fp32")
+        layer_sum = sum(latency[(x.name, 1.0, dense)] for x in layers)
+        overhead = max(baseline["latency_ms"]["p50"] - layer_sum, 0.0)
+
+    with _Stage(4, total, "sensitivity and plan"):
+        sensitivity = measure_sensitivity(
+            original,
+            options,
+            calibration,
+            example_inputs,
+            config.space.round_to,
+            progress=_progress("sensitivity"),
+        )
+        choices = [
+            LayerChoices(
+                name=x.name,
+                input_from=input_from.get(x.name),
+                passthrough=x.name in passthrough,
+                options=options[x.name],
+                latency_ms={(k, o): v for (n, k, o), v in latency.items() if n == x.name},
+                distortion=sensitivity[x.name],
+            )
+            for x in layers
+        ]
+        plans = sweep(
+            choices, overhead, baseline["latency_ms"]["p50"], config.num_budgets, config.budgets_ms
+        )
+        plans = [p for p in plans if any(o != dense for o in p.layers.values())]
+        if not plans:
+            raise DeployError(
+                "no plan other than the fp32 baseline fits the budgets; raise --budget-ms "
+                "or allow more passes with --passes"
+            )
+        logger.info(
+            "    %d distinct plans, predicted %.3f to %.3f ms",
+            len(plans),
+            plans[0].predicted_latency_ms,
+            plans[-1].predicted_latency_ms,
+        )
+    return {
+        "overhead_ms": overhead,
+        "baseline_predicted_ms": overhead + layer_sum,
+        "plans": [p.to_dict() for p in plans],
+    }
+
+
+def _build_variant(
+    name,
+    plan,
+    original,
+    example_inputs,
+    calibration,
+    validation_set,
+    reference,
+    protocol,
+    config,
+    names,
+    axes,
+    feeds,
+    classification,
+    partial: Path,
+) -> dict:
+    variant, recipe = materialize(original, plan, example_inputs, calibration, config)
+    folder = partial / "variants"
+    float_path = folder / f"{name}.fp32.onnx"
+    _export(variant, example_inputs, float_path, names, axes)
+    artifact = float_path
+    if recipe["quantize"]:
+        artifact = folder / f"{name}.int8.onnx"
+        _quantize_variant(float_path, artifact, plan, config.quantize, feeds)
+        float_path.unlink()
+    check = validate_artifact(
+        artifact, validation_set, reference, protocol, classification=classification
+    )
+    entry = _entry(
+        name,
+        str(artifact.relative_to(partial)),
+        check,
+        plan.predicted_latency_ms,
+        {**plan.to_dict(), "recipe": recipe},
+        plan.describe(),
+    )
+    return entry

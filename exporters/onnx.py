@@ -1,0 +1,303 @@
+"""ONNX export, ONNX Runtime quantization, loading, running and timing.
+
+The exporter is PyTorch's TorchScript-based ``torch.onnx.export``: its node
+names carry the module path (``/features/features.3/Conv``), which is how deploy
+maps a PyTorch layer to the ONNX nodes it became.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from exporters.timing import Latency, TimingProtocol, time_callable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+
+class ExportError(Exception):
+    """Export, checking or running an ONNX file failed; the message names the cause."""
+
+
+def _temporary_path(final: Path) -> Path:
+    # Same folder as the destination, so that os.replace is an atomic rename.
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def onnx_from_torch(
+    model: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: str | os.PathLike,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    opset: int | None = None,
+    simplify: bool = True,
+) -> Path:
+    """Export ``model`` to an ONNX file, check it and simplify it.
+
+    The file appears at ``path`` only once it is complete and has passed the ONNX
+    checker; a failure leaves nothing behind.
+
+    Args:
+        model: the module to export, in eval mode.
+        example_inputs: one tensor per model input.
+        path: destination ``.onnx`` file.
+        input_names: graph input names, one per tensor in ``example_inputs``.
+        output_names: graph output names.
+        dynamic_axes: for each input or output name, the axes that stay dynamic.
+        opset: ONNX opset. Defaults to 17.
+        simplify: run onnxslim over the graph (constant folding, fusion).
+            Defaults to True.
+
+    Raises:
+        ExportError: the exporter, the checker or the simplifier failed.
+    """
+    path = Path(path)
+    tmp = _temporary_path(path)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                tuple(example_inputs),
+                str(tmp),
+                dynamo=False,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes,
+                opset_version=opset or DEFAULT_OPSET,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        onnx.checker.check_model(proto, full_check=True)
+        if simplify:
+            proto = _simplify(proto)
+            onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as exc:  # the exporter raises many unrelated types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{type(exc).__name__}: {first_line}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return onnxslim.slim(proto)
+
+
+def check_onnx(path: str | os.PathLike) -> None:
+    """Run the ONNX checker (with shape inference) over a file; raise ExportError on failure."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"ONNX checker rejected {path}: {exc}") from exc
+
+
+def nodes_of_module(proto: onnx.ModelProto, module_name: str, op_types: Iterable[str]) -> list[str]:
+    """Return the names of the nodes of ``op_types`` that module ``module_name`` exported to.
+
+    The TorchScript exporter names a node by its module scope, one path
+    component per nesting level, each the full dotted module name:
+    module ``blocks.0.fc`` gives ``/blocks/blocks.0/blocks.0.fc/MatMul``.
+    """
+    wanted = set(op_types)
+    names = []
+    for node in proto.graph.node:
+        if node.op_type not in wanted:
+            continue
+        scopes = node.name.split("/")[1:-1]
+        if module_name in scopes:
+            names.append(node.name)
+    return names
+
+
+class CalibrationFeeds:
+    """An ONNX Runtime calibration data reader over a list of feed dicts."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self._feeds = list(feeds)
+        self._index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._index >= len(self._feeds):
+            return None
+        self._index += 1
+        return self._feeds[self._index - 1]
+
+    def rewind(self) -> None:
+        self._index = 0
+
+
+def quantize_onnx(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    method: str = "static",
+    calibration_feeds: Sequence[dict[str, np.ndarray]] | None = None,
+    nodes_to_exclude: Sequence[str] = (),
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    op_types: Sequence[str] | None = None,
+    calibrate_method: str = "minmax",
+) -> Path:
+    """Quantize an ONNX file to int8 with ONNX Runtime's quantization tool.
+
+    ``static`` writes QDQ nodes with uint8 activations and int8 weights,
+    calibrated on ``calibration_feeds``; ``dynamic`` quantizes weights ahead of
+    time and activations at run time (MatMul, Gemm and friends only).
+    The result appears at ``destination`` only once complete.
+
+    Args:
+        source: float ONNX file.
+        destination: output ONNX file.
+        method: ``static`` or ``dynamic``. Defaults to ``static``.
+        calibration_feeds: input feeds for static calibration; required for
+            ``static``.
+        nodes_to_exclude: ONNX node names that stay in float.
+        per_channel: one weight scale per output channel. Defaults to True.
+        reduce_range: 7-bit weights, which avoid int16 saturation in the u8s8
+            kernels of CPUs without VNNI. Defaults to False.
+        op_types: node types to quantize, or ``None`` for the tool's default.
+        calibrate_method: ``minmax``, ``entropy`` or ``percentile``.
+            Defaults to ``minmax``.
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    destination = Path(destination)
+    if method not in ("static", "dynamic"):
+        raise ValueError(f"quantization method {method!r} is not one of 'static', 'dynamic'")
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if calibrate_method not in methods:
+        raise ValueError(f"calibration method {calibrate_method!r} is not one of {sorted(methods)}")
+    tmp = _temporary_path(destination)
+    prepared = _temporary_path(destination)
+    try:
+        with warnings.catch_warnings(), _quiet_onnxruntime_logs():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            if method == "static":
+                if not calibration_feeds:
+                    raise ValueError("static quantization needs calibration feeds")
+                quantize_static(
+                    str(prepared),
+                    str(tmp),
+                    CalibrationFeeds(calibration_feeds),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(op_types) if op_types else None,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(nodes_to_exclude),
+                    calibrate_method=methods[calibrate_method],
+                )
+            else:
+                quantize_dynamic(
+                    str(prepared),
+                    str(tmp),
+                    op_types_to_quantize=list(op_types) if op_types else None,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(nodes_to_exclude),
+                )
+        check_onnx(tmp)
+        os.replace(tmp, destination)
+    finally:
+        tmp.unlink(missing_ok=True)
+        prepared.unlink(missing_ok=True)
+    return destination
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime_logs():
+    # The quantization tool logs every node it skips at INFO on the root logger.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+_NODE_NAME = re.compile(r"Name:'([^']*)'")
+
+
+class OnnxRunner:
+    """An ONNX Runtime CPU session with a fixed thread count.
+
+    Args:
+        path: the ONNX file.
+        threads: intra-op threads. Defaults to 1.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime could not load {path}: {exc}") from exc
+        self.path = Path(path)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch; on failure raise ExportError naming the failing node."""
+        try:
+            return self.session.run(None, feeds)
+        except Exception as exc:
+            match = _NODE_NAME.search(str(exc))
+            node = f" in node {match.group(1)!r}" if match else ""
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+            message = str(exc).strip().splitlines()[0]
+            raise ExportError(
+                f"{self.path.name} failed{node} on inputs {shapes}: {message}"
+            ) from exc
+
+    def time(self, feeds: dict[str, np.ndarray], protocol: TimingProtocol) -> Latency:
+        """Time one batch under ``protocol`` (its thread count is the session's)."""
+        return time_callable(lambda: self.session.run(None, feeds), protocol)
