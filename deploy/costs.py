@@ -11,10 +11,12 @@ import logging
 import time
 
 from deploy.analyze import LayerInfo
+from deploy.latency_model import interpolate_entry, net_ms
 from deploy.measure import LayerSpec, measure_spec
 from deploy.passes.lowrank import max_useful_rank
 from deploy.passes.prune import PrunableLayer, kept_channels
 from deploy.planner import Option
+from deploy.power import reader_for
 from deploy.profiles import DeviceProfile, entry_key, timing_protocol
 
 logger = logging.getLogger(__name__)
@@ -118,28 +120,59 @@ def candidate_ranks(info: LayerInfo, module, space: SearchSpace) -> list[int]:
 
 
 class CostTable:
-    """Latency lookups against a device profile, measuring missing entries on demand."""
+    """Latency lookups against a device profile, measuring missing entries on demand.
 
-    def __init__(self, profile: DeviceProfile, save_every: int = 20):
+    Latencies are net of the session call (``latency_model.net_ms``), so they
+    add up over a model's layers.
+
+    Args:
+        profile: the device profile; measured entries are added to it.
+        save_every: save the profile after this many new entries. Defaults to 20.
+        measure: measure missing entries on this machine. When False (a
+            profile of another device), missing entries are interpolated
+            between measured ones and listed in ``interpolated``. Defaults to True.
+    """
+
+    def __init__(self, profile: DeviceProfile, save_every: int = 20, measure: bool = True):
         self.profile = profile
         self.protocol = timing_protocol(profile)
         self.save_every = save_every
+        self.measure = measure
         self.measured = 0
         self.reused = 0
+        self.interpolated: dict[str, dict] = {}
+        self.specs: dict[tuple, LayerSpec] = {}
+        self._reader = None
+        if measure:
+            self._reader = reader_for(profile.data["power"])
+
+    def entry(self, spec: LayerSpec, precision: str) -> dict:
+        """Return the entry of ``spec`` at ``precision``: stored, measured now or interpolated."""
+        key = entry_key(**spec.key_fields(precision))
+        entry = self.profile.lookup(key) or self.interpolated.get(key)
+        if entry is not None:
+            self.reused += 1
+            return entry
+        if not self.measure:
+            estimate = interpolate_entry(self.profile.data["latency_table"], spec, precision)
+            entry = {"p50_ms": estimate["net_ms"], **estimate}
+            self.interpolated[key] = entry
+            return entry
+        entry = measure_spec(
+            spec, precision, self.protocol, self.profile.data["power"], self._reader
+        )
+        self.profile.add_entry(entry)
+        self.measured += 1
+        if self.profile.path is not None and self.measured % self.save_every == 0:
+            self.profile.save()
+        return entry
 
     def latency(self, spec: LayerSpec, precision: str) -> float:
-        fields = spec.key_fields(precision)
-        key = entry_key(**fields)
-        entry = self.profile.lookup(key)
-        if entry is None:
-            entry = measure_spec(spec, precision, self.protocol)
-            self.profile.add_entry(entry)
-            self.measured += 1
-            if self.profile.path is not None and self.measured % self.save_every == 0:
-                self.profile.save()
-        else:
-            self.reused += 1
-        return float(entry["p50_ms"])
+        return net_ms(self.entry(spec, precision))
+
+    def entry_for(self, layer: str, in_keep: float, option: Option) -> dict:
+        """Return the entry behind ``layer_options``' latency of (layer, input keep, option)."""
+        return self.entry(self.specs[(layer, in_keep, option)], option.precision)
 
     def flush(self) -> None:
         if self.profile.path is not None and self.measured:
@@ -191,6 +224,7 @@ def layer_options(
             for option in layer_opts:
                 spec = layer_spec(info, in_keep, option.struct, producer, space.round_to)
                 latency[(info.name, in_keep, option)] = costs.latency(spec, option.precision)
+                costs.specs[(info.name, in_keep, option)] = spec
         options[info.name] = layer_opts
         if progress:
             progress(i + 1, len(layers), info.name, time.perf_counter() - start)

@@ -2,20 +2,34 @@
 
 Each entry is a one-layer ONNX model (a Conv or a Linear, or the two factors
 of a low-rank option), exported, quantized for int8 with ONNX Runtime's QDQ
-tool, and timed with the profile's protocol.
+tool, and timed with the profile's protocol. Beside it two reference models
+on the same input are timed, so that the latency model can remove what a
+one-layer model pays but a layer inside a whole model does not:
+
+- ``call_ms``: an Identity model, the cost of one session call;
+- ``boundary_ms`` (int8 only): QuantizeLinear then DequantizeLinear on the
+  input, less ``call_ms``; an isolated int8 layer pays it, but consecutive
+  int8 layers pass int8 tensors to each other.
+
+Energy is read around the timed loop when the profile names a readable
+counter, and otherwise estimated from the declared active watts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
 from deploy.passes.lowrank import factorize
+from deploy.power import EnergyReader, energy_fields, measure_energy
 from exporters.onnx import OnnxRunner, onnx_from_torch, quantize_onnx
 from exporters.timing import TimingProtocol
 
@@ -47,6 +61,24 @@ class LayerSpec:
             return (self.out_features, self.in_features // self.groups, *self.kernel)
         return (self.out_features, self.in_features)
 
+    @property
+    def output_positions(self) -> int:
+        """Output pixels of a conv, or tokens of a Linear, for batch 1."""
+        if self.op == "conv2d":
+            h, w = self.input_shape[2:]
+            (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+            return ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+        return math.prod(self.input_shape[1:-1]) if len(self.input_shape) > 2 else 1
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds of one batch-1 call, counting both factors of a low-rank option."""
+        per_output = self.in_features // self.groups * self.kernel[0] * self.kernel[1]
+        if self.option.startswith("lowrank:"):
+            rank = int(self.option.split(":")[1])
+            return self.output_positions * rank * (per_output + self.out_features)
+        return self.output_positions * self.out_features * per_output
+
     def key_fields(self, precision: str) -> dict:
         return {
             "op": self.op,
@@ -77,8 +109,53 @@ class LayerSpec:
         return layer.eval()
 
 
-def measure_spec(spec: LayerSpec, precision: str, protocol: TimingProtocol) -> dict:
-    """Measure one latency table entry for ``spec`` at ``precision``; return it as a dict."""
+def _reference_model(input_shape: tuple[int, ...], quantize: bool) -> onnx.ModelProto:
+    """Return an Identity model, or a QuantizeLinear -> DequantizeLinear model, on ``input_shape``."""
+    dims = ["batch", *input_shape[1:]]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
+    if quantize:
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"]),
+        ]
+        constants = [
+            helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05]),
+            helper.make_tensor("zero", TensorProto.UINT8, [], [128]),
+        ]
+    else:
+        nodes, constants = [helper.make_node("Identity", ["x"], ["y"])], []
+    graph = helper.make_graph(nodes, "reference", [x], [y], constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _time_reference(
+    workdir: Path, input_shape: tuple[int, ...], quantize: bool, protocol: TimingProtocol
+) -> float:
+    path = workdir / ("qdq.onnx" if quantize else "identity.onnx")
+    onnx.save(_reference_model(input_shape, quantize), str(path))
+    feeds = {"x": np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)}
+    return OnnxRunner(path, protocol.threads).time(feeds, protocol).p50
+
+
+def measure_spec(
+    spec: LayerSpec,
+    precision: str,
+    protocol: TimingProtocol,
+    power: dict | None = None,
+    reader: EnergyReader | None = None,
+) -> dict:
+    """Measure one latency table entry for ``spec`` at ``precision``; return it as a dict.
+
+    Args:
+        spec: the layer's shapes and option.
+        precision: ``fp32`` or ``int8``.
+        protocol: warm-up, runs and threads.
+        power: the profile's ``power`` section; with it the entry gets
+            ``energy_mj`` and ``energy_source``. Defaults to no energy.
+        reader: an energy counter read around the timed loop, or None to
+            estimate from ``power``'s declared watts. Defaults to None.
+    """
     torch.manual_seed(0)
     module = spec.build()
     example = torch.randn(*spec.input_shape)
@@ -104,10 +181,32 @@ def measure_spec(spec: LayerSpec, precision: str, protocol: TimingProtocol) -> d
                 f"precision {precision!r} cannot be measured with ONNX Runtime on the CPU"
             )
         runner = OnnxRunner(path, protocol.threads)
-        latency = runner.time({"x": example.numpy()}, protocol)
-    return {
+        feeds = {"x": example.numpy()}
+        timed = {}
+        measured_mj, _ = measure_energy(
+            reader,
+            lambda: timed.setdefault("latency", runner.time(feeds, protocol)),
+            protocol.warmup + protocol.runs,
+        )
+        latency = timed["latency"]
+        call_ms = _time_reference(Path(workdir), spec.input_shape, False, protocol)
+        boundary_ms = None
+        if precision == "int8":
+            qdq_ms = _time_reference(Path(workdir), spec.input_shape, True, protocol)
+            boundary_ms = max(qdq_ms - call_ms, 0.0)
+    entry = {
         **spec.key_fields(precision),
+        "rank": int(spec.option.split(":")[1]) if spec.option.startswith("lowrank:") else None,
+        "kept_channels": spec.out_features,
+        # Channel pruning removes channels, so every entry's weights are dense.
+        "sparsity": "none",
         "p50_ms": latency.p50,
         "p90_ms": latency.p90,
         "runs": latency.runs,
+        "call_ms": call_ms,
     }
+    if boundary_ms is not None:
+        entry["boundary_ms"] = boundary_ms
+    if power is not None:
+        entry.update(energy_fields(power, latency.p50, None if reader is None else measured_mj))
+    return entry

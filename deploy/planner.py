@@ -70,6 +70,8 @@ class Plan:
     predicted_latency_ms: float
     predicted_distortion: float
     budget_ms: float | None = None
+    # The latency model's breakdown of predicted_latency_ms (latency_model.Prediction.to_dict()).
+    prediction: dict | None = None
 
     def signature(self) -> tuple:
         return tuple(sorted((k, v.struct, v.precision) for k, v in self.layers.items()))
@@ -80,6 +82,7 @@ class Plan:
             "predicted_latency_ms": self.predicted_latency_ms,
             "predicted_distortion": self.predicted_distortion,
             "budget_ms": self.budget_ms,
+            "prediction": self.prediction,
         }
 
     @classmethod
@@ -90,6 +93,7 @@ class Plan:
             data["predicted_latency_ms"],
             data["predicted_distortion"],
             data.get("budget_ms"),
+            data.get("prediction"),
         )
 
     def describe(self) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from deploy.errors import DeployError
+from deploy.power import detect_power_source
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +162,35 @@ def validate_profile(data: object, source: str) -> None:
         )
     _check_finite(data, source, "")
     validator = jsonschema.Draft202012Validator(_schema())
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
-        error = errors[0]
-        raise DeployError(
-            f"device profile {source}: field {_field_path(error)} is invalid: {error.message}; "
-            f"fix it to match device_profiles/schema.json"
+        raise DeployError(f"device profile {source}: {_describe(errors[0])}")
+
+
+def _describe(error) -> str:
+    """Return a one-line description of a schema error: the field, what is wrong, the fix."""
+    where = _field_path(error)
+    fix = "fix it to match device_profiles/schema.json (documented in device_profiles/README.md)"
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        field = missing if where == "(top level)" else f"{where}.{missing}"
+        return f"field {field} is missing; add it ({fix})"
+    if error.validator == "additionalProperties":
+        return f"field {where}: {error.message}; remove or rename it ({fix})"
+    if error.validator == "maxItems" and where == "latency_table":
+        return (
+            "a template (measured: false) must have an empty latency_table; set measured: true "
+            "if its entries were measured on the device, or measure it with 'deploy profile'"
         )
+    if error.validator in ("minimum", "exclusiveMinimum"):
+        return (
+            f"field {where} is {error.instance!r}, below the minimum {error.validator_value}; {fix}"
+        )
+    value = repr(error.instance)
+    if len(value) > 60:
+        value = value[:57] + "..."
+    reason = error.message if len(error.message) <= 120 else f"failed '{error.validator}'"
+    return f"field {where} is invalid ({value}: {reason}); {fix}"
 
 
 def _check_finite(value: object, source: str, where: str) -> None:
@@ -199,12 +222,14 @@ def installed_runtime_version(runtime: str) -> str | None:
     return None
 
 
-def load_profile(path: str | os.PathLike) -> DeviceProfile:
+def load_profile(path: str | os.PathLike, require_runtime: bool = True) -> DeviceProfile:
     """Load and validate a device profile.
 
-    Raises DeployError when the file is missing, unreadable or invalid, or its
-    runtime is not installed; warns (ProfileVersionWarning) when its entries
-    were measured with another runtime version.
+    Raises DeployError when the file is missing, unreadable or invalid, or
+    (with ``require_runtime``, the default) its runtime is not installed;
+    warns (ProfileVersionWarning) when its entries were measured with another
+    runtime version. ``require_runtime=False`` reads a profile of another
+    device, for example a template, without that check.
     """
     path = Path(path)
     if not path.is_file():
@@ -223,6 +248,8 @@ def load_profile(path: str | os.PathLike) -> DeviceProfile:
     validate_profile(data, str(path))
     runtime = data["runtime"]
     installed = installed_runtime_version(runtime["name"])
+    if installed is None and not require_runtime:
+        return DeviceProfile(data, path)
     if installed is None:
         raise DeployError(
             f"device profile {path} targets runtime {runtime['name']!r}, which is not installed here; "
@@ -290,9 +317,7 @@ def new_local_profile(name: str, threads: int = 1) -> DeviceProfile:
         },
         "precisions": ["fp32", "int8"],
         "memory_limit_bytes": None,
-        # NOTE: no energy counter is read yet; 15 W active is a guess for a
-        # 2-core server slice, so every energy figure from it is an estimate.
-        "power": {"source": "declared", "active_watts": 15.0, "idle_watts": 5.0, "path": None},
+        "power": detect_power_source(),
         "protocol": {**TimingProtocol(threads=threads).to_dict()},
         "latency_table": [],
     }

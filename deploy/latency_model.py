@@ -1,0 +1,228 @@
+"""The latency model: a whole variant's latency from its layers' latency table entries.
+
+A variant's predicted latency is
+
+    overhead + sum over layers of net(entry) - sum over int8 -> int8 edges of boundary
+
+- ``net(entry)`` is the one-layer model's median less ``call_ms``, the cost of
+  an empty session call measured beside it: a whole model pays the call once,
+  not once per layer.
+- An isolated int8 layer quantizes its input and dequantizes its output, and
+  its entry includes both. Between two consecutive int8 layers ONNX Runtime
+  passes int8 tensors, so each such edge saves the second layer's
+  ``boundary_ms`` (QuantizeLinear and DequantizeLinear on its input).
+- ``overhead`` is measured per model: the fp32 baseline's measured median less
+  the sum of its layers' net entries. It holds the session call, the layers
+  without entries (pooling, activations, normalization) and layout
+  conversions.
+
+Where an entry is missing and cannot be measured (a profile of another
+device), its net latency is interpolated in multiply-adds between measured
+entries of the same operator, kernel, option kind and precision, and the
+prediction names the layers it interpolated.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import math
+import statistics
+from pathlib import Path
+
+from deploy.errors import DeployError
+from deploy.measure import LayerSpec
+
+WITHIN = 0.10
+
+
+def net_ms(entry: dict) -> float:
+    """Return an entry's latency without the session call: ``p50_ms - call_ms``, at least 0.
+
+    Entries measured before ``call_ms`` existed return ``p50_ms``.
+    """
+    return max(float(entry["p50_ms"]) - float(entry.get("call_ms", 0.0)), 0.0)
+
+
+def spec_of_entry(entry: dict) -> LayerSpec:
+    """Return the LayerSpec an entry was measured for."""
+    weight = entry["weight_shape"]
+    kernel = tuple(weight[2:]) if entry["op"] == "conv2d" else (1, 1)
+    return LayerSpec(
+        entry["op"],
+        tuple(entry["input_shape"]),
+        weight[0],
+        kernel,
+        tuple(entry.get("stride", (1, 1))),
+        tuple(entry.get("padding", (0, 0))),
+        entry.get("groups", 1),
+        entry["option"],
+    )
+
+
+def _family(spec: LayerSpec, precision: str) -> tuple:
+    # Entries of one family differ only in channel counts, spatial size or rank,
+    # so their latency grows with multiply-adds in a comparable way.
+    depthwise = spec.op == "conv2d" and spec.groups > 1 and spec.groups == spec.in_features
+    return (
+        spec.op,
+        precision,
+        spec.option.split(":")[0],
+        spec.kernel,
+        spec.stride,
+        depthwise,
+        spec.groups > 1 and not depthwise,
+    )
+
+
+def interpolate_entry(entries: list[dict], spec: LayerSpec, precision: str) -> dict:
+    """Estimate an entry for ``spec`` from measured entries of the same family.
+
+    Net latency is interpolated linearly in multiply-adds between the two
+    measured neighbours; outside the measured range it is scaled from the
+    nearest one in proportion to multiply-adds. The result has ``net_ms``,
+    ``boundary_ms`` (from the nearest entry) and ``interpolated_from``.
+
+    Raises:
+        DeployError: no measured entry shares the operator, kernel, option
+            kind and precision.
+    """
+    family = _family(spec, precision)
+    points = []
+    for entry in entries:
+        other = spec_of_entry(entry)
+        if entry["precision"] == precision and _family(other, precision) == family:
+            points.append((other.macs, net_ms(entry), entry))
+    if not points:
+        raise DeployError(
+            f"the device profile has no {precision} {spec.op} {spec.option.split(':')[0]} entry "
+            f"with kernel {spec.kernel} and stride {spec.stride} to interpolate from; measure it "
+            f"on the device with 'deploy profile --model MODEL --out PROFILE'"
+        )
+    points.sort(key=lambda p: p[0])
+    macs = [p[0] for p in points]
+    target = spec.macs
+    i = bisect.bisect_left(macs, target)
+    if i < len(points) and macs[i] == target:
+        lower = upper = points[i]
+    elif 0 < i < len(points):
+        lower, upper = points[i - 1], points[i]
+    else:
+        lower = upper = points[0] if i == 0 else points[-1]
+    if lower is upper:
+        estimate = lower[1] * target / max(lower[0], 1)
+    else:
+        weight = (target - lower[0]) / (upper[0] - lower[0])
+        estimate = lower[1] + weight * (upper[1] - lower[1])
+    nearest = min(points, key=lambda p: abs(math.log(max(p[0], 1) / max(target, 1))))
+    return {
+        "net_ms": max(estimate, 0.0),
+        "boundary_ms": float(nearest[2].get("boundary_ms", 0.0)),
+        "interpolated_from": len({id(lower), id(upper)}),
+    }
+
+
+@dataclasses.dataclass
+class Prediction:
+    """A variant's predicted latency and how it was composed, in ms.
+
+    Attributes:
+        latency_ms: the prediction.
+        overhead_ms: the per-model overhead it includes.
+        layers_ms: the sum of the layers' net entries.
+        int8_edges_ms: what consecutive int8 layers save (subtracted).
+        interpolated: layers whose entry was interpolated, not measured.
+    """
+
+    latency_ms: float
+    overhead_ms: float
+    layers_ms: float
+    int8_edges_ms: float
+    interpolated: list[str]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def predict_plan(choices, plan_layers: dict, overhead_ms: float, costs) -> Prediction:
+    """Predict a plan's latency from its layers' entries (see the module docstring).
+
+    Args:
+        choices: the planner's ``LayerChoices``, in run order.
+        plan_layers: layer name -> ``Option`` of the plan.
+        overhead_ms: the measured per-model overhead.
+        costs: the ``CostTable`` that priced ``choices``; it holds the entry
+            behind each (layer, input keep, option).
+    """
+    layers_ms = edges_ms = 0.0
+    interpolated = []
+    keep = 1.0
+    previous_int8 = False
+    for layer in choices:
+        option = plan_layers[layer.name]
+        in_keep = keep if layer.input_from is not None else 1.0
+        layers_ms += layer.latency_ms[(in_keep, option)]
+        entry = costs.entry_for(layer.name, in_keep, option)
+        if entry.get("interpolated_from"):
+            interpolated.append(layer.name)
+        int8 = option.precision == "int8"
+        if int8 and previous_int8:
+            edges_ms += float(entry.get("boundary_ms", 0.0))
+        previous_int8 = int8
+        keep = in_keep if layer.passthrough else option.keep
+    latency = max(overhead_ms + layers_ms - edges_ms, 0.0)
+    return Prediction(latency, overhead_ms, layers_ms, edges_ms, interpolated)
+
+
+def _error_pct(entry: dict) -> float | None:
+    predicted = entry.get("predicted_latency_ms")
+    measured = (entry.get("latency_ms") or {}).get("p50")
+    if predicted is None or not measured or entry.get("status", "ok") != "ok":
+        return None
+    return (predicted - measured) / measured * 100.0
+
+
+def check_run(run_dir: str | Path) -> dict:
+    """Compare predicted and measured latency over the variants of a finished run.
+
+    Returns ``variants`` (variants with both figures), ``within_10pct`` (the
+    fraction predicted within 10% of the measured p50),
+    ``median_abs_error_pct``, and per variant ``name``, ``predicted_ms``,
+    ``measured_p50_ms`` and ``error_pct``. The baseline is left out: its
+    overhead is fitted to it.
+
+    Raises:
+        DeployError: ``run_dir`` has no readable ``manifest.json``.
+    """
+    path = Path(run_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DeployError(
+            f"{path} is missing or not JSON ({exc}); pass a folder written by 'deploy optimize'"
+        ) from exc
+    rows = []
+    for entry in manifest.get("variants", []):
+        error = _error_pct(entry)
+        if error is None:
+            continue
+        rows.append(
+            {
+                "name": entry["name"],
+                "predicted_ms": entry["predicted_latency_ms"],
+                "measured_p50_ms": entry["latency_ms"]["p50"],
+                "error_pct": error,
+                "interpolated": ((entry.get("plan") or {}).get("prediction") or {}).get(
+                    "interpolated", []
+                ),
+            }
+        )
+    errors = [abs(r["error_pct"]) for r in rows]
+    return {
+        "run": str(run_dir),
+        "variants": len(rows),
+        "within_10pct": (sum(e <= WITHIN * 100 for e in errors) / len(errors)) if errors else None,
+        "median_abs_error_pct": statistics.median(errors) if errors else None,
+        "rows": rows,
+    }

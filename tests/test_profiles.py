@@ -1,0 +1,396 @@
+"""Device profiles: schema, bad profiles, the latency model and ``deploy profile``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deploy import costs as costs_module
+from deploy.cli import main
+from deploy.costs import CostTable, SearchSpace
+from deploy.errors import DeployError
+from deploy.latency_model import check_run, interpolate_entry, net_ms, predict_plan
+from deploy.measure import LayerSpec
+from deploy.planner import LayerChoices, Option
+from deploy.profiles import (
+    PROFILE_DIR,
+    DeviceProfile,
+    ProfileVersionWarning,
+    load_profile,
+    new_local_profile,
+    validate_profile,
+)
+from deploy.profiling import profile, standard_specs
+
+TEMPLATES = ["raspberry-pi5-ort-cpu", "jetson-orin-nano-trt", "phone-arm-ort-cpu"]
+
+TINY_MODEL = """
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)
+    ).eval()
+"""
+
+
+def _entry(**fields) -> dict:
+    entry = {
+        "op": "conv2d",
+        "input_shape": [1, 16, 8, 8],
+        "weight_shape": [16, 16, 3, 3],
+        "stride": [1, 1],
+        "padding": [1, 1],
+        "groups": 1,
+        "option": "dense",
+        "precision": "fp32",
+        "p50_ms": 0.2,
+        "p90_ms": 0.25,
+        "runs": 100,
+        "call_ms": 0.02,
+    }
+    entry.update(fields)
+    return entry
+
+
+@pytest.fixture
+def document() -> dict:
+    data = copy.deepcopy(new_local_profile("test").data)
+    data["measured"] = True
+    data["latency_table"] = [_entry()]
+    return data
+
+
+def _write(tmp_path, data, name="profile.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_valid_and_unmeasured(name):
+    device_profile = load_profile(PROFILE_DIR / f"{name}.yaml", require_runtime=False)
+    assert device_profile.data["measured"] is False
+    assert device_profile.data["latency_table"] == []
+    assert device_profile.data["runtime"]["version"] is None
+    assert device_profile.data["power"]["active_watts"] > 0
+
+
+def test_shipped_measured_profile_loads():
+    measured = [
+        p
+        for p in PROFILE_DIR.glob("*.yaml")
+        if not p.name.startswith("local-") and p.stem not in TEMPLATES
+    ]
+    assert measured, "no measured profile ships in device_profiles/"
+    for path in measured:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ProfileVersionWarning)
+            device_profile = load_profile(path)
+        assert device_profile.data["measured"] is True
+        assert device_profile.data["latency_table"]
+        assert all("call_ms" in e for e in device_profile.data["latency_table"])
+
+
+def test_template_with_entries_rejected(document):
+    document["measured"] = False
+    with pytest.raises(DeployError, match="template"):
+        validate_profile(document, "t.yaml")
+
+
+def test_wrong_schema_version(tmp_path, document):
+    document["schema_version"] = 2
+    with pytest.raises(DeployError, match="schema_version 2.*deploy profile --out"):
+        load_profile(_write(tmp_path, document))
+
+
+@pytest.mark.parametrize(
+    "section, field",
+    [(None, "latency_table"), ("device", "cpu_model"), ("runtime", "batch_sizes")],
+    ids=["top", "device", "runtime"],
+)
+def test_missing_field_named(tmp_path, document, section, field):
+    del (document[section] if section else document)[field]
+    name = f"{section}.{field}" if section else field
+    with pytest.raises(DeployError, match=f"field {name} is missing"):
+        load_profile(_write(tmp_path, document))
+
+
+def test_negative_latency_named(tmp_path, document):
+    document["latency_table"][0]["p50_ms"] = -1.0
+    with pytest.raises(DeployError, match=r"latency_table\.0\.p50_ms is -1\.0, below the minimum"):
+        load_profile(_write(tmp_path, document))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_latency_named(tmp_path, document, value):
+    document["latency_table"][0]["p90_ms"] = value
+    with pytest.raises(DeployError, match=r"latency_table\.0\.p90_ms .*finite"):
+        load_profile(_write(tmp_path, document))
+
+
+def test_declared_power_needs_watts(document):
+    document["power"] = {"source": "declared", "active_watts": None, "idle_watts": None}
+    with pytest.raises(DeployError, match="power.active_watts"):
+        validate_profile(document, "p.yaml")
+
+
+def test_runtime_not_installed(tmp_path):
+    path = PROFILE_DIR / "jetson-orin-nano-trt.yaml"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(DeployError, match="not installed.*pip install tensorrt"):
+            load_profile(path)
+    else:
+        pytest.skip("tensorrt is installed here")
+
+
+def test_other_runtime_version_warns(tmp_path, document):
+    document["runtime"]["version"] = "0.0.1"
+    with pytest.warns(ProfileVersionWarning, match="re-measure with 'deploy profile --out"):
+        load_profile(_write(tmp_path, document))
+
+
+def test_json_profile_round_trip(tmp_path, document):
+    device_profile = DeviceProfile(document)
+    saved = device_profile.save(tmp_path / "p.json")
+    assert load_profile(saved).data["latency_table"] == document["latency_table"]
+
+
+def _mutations():
+    leaf = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 5),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=5),
+        st.lists(st.integers(-2, 3), max_size=3),
+    )
+    paths = st.sampled_from(
+        [
+            ("schema_version",),
+            ("name",),
+            ("measured",),
+            ("device", "cores"),
+            ("device", "architecture"),
+            ("runtime", "name"),
+            ("runtime", "threads"),
+            ("runtime", "batch_sizes"),
+            ("precisions",),
+            ("power", "source"),
+            ("power", "active_watts"),
+            ("protocol", "runs"),
+            ("protocol", "affinity"),
+            ("latency_table", 0, "p50_ms"),
+            ("latency_table", 0, "input_shape"),
+            ("latency_table", 0, "option"),
+            ("latency_table", 0, "runs"),
+        ]
+    )
+    return st.lists(st.tuples(paths, leaf), min_size=1, max_size=3)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(mutations=_mutations())
+def test_fuzzed_profile_loads_or_raises_deploy_error(tmp_path, document, mutations):
+    data = copy.deepcopy(document)
+    for path, value in mutations:
+        target = data
+        for step in path[:-1]:
+            target = target[step]
+        target[path[-1]] = value
+    file = tmp_path / "fuzz.json"
+    file.write_text(json.dumps(data))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ProfileVersionWarning)
+            load_profile(file)
+    except DeployError as exc:
+        assert "device profile" in str(exc)
+        assert "\n" not in str(exc)
+
+
+def test_fuzzed_text_never_crashes(tmp_path):
+    @settings(max_examples=100, deadline=None)
+    @given(text=st.text(max_size=200))
+    def check(text):
+        file = tmp_path / "text.yaml"
+        file.write_text(text)
+        with pytest.raises(DeployError):
+            load_profile(file)
+
+    check()
+
+
+def test_net_ms_subtracts_call():
+    assert net_ms(_entry(p50_ms=0.2, call_ms=0.05)) == pytest.approx(0.15)
+    assert net_ms({"p50_ms": 0.2}) == pytest.approx(0.2)
+    assert net_ms(_entry(p50_ms=0.01, call_ms=0.05)) == 0.0
+
+
+def test_interpolation_between_channel_counts():
+    entries = [
+        _entry(weight_shape=[8, 16, 3, 3], p50_ms=0.12),  # net 0.10
+        _entry(weight_shape=[24, 16, 3, 3], p50_ms=0.32),  # net 0.30
+    ]
+    spec = LayerSpec("conv2d", (1, 16, 8, 8), 16, (3, 3), (1, 1), (1, 1))
+    estimate = interpolate_entry(entries, spec, "fp32")
+    assert estimate["net_ms"] == pytest.approx(0.20)
+    assert estimate["interpolated_from"] == 2
+
+
+def test_interpolation_without_family_raises():
+    spec = LayerSpec("linear", (1, 64), 32)
+    with pytest.raises(DeployError, match="deploy profile --model"):
+        interpolate_entry([_entry()], spec, "fp32")
+
+
+def test_cost_table_interpolates_unmeasurable(document):
+    document["latency_table"] = [
+        _entry(weight_shape=[8, 16, 3, 3], p50_ms=0.12),
+        _entry(weight_shape=[24, 16, 3, 3], p50_ms=0.32),
+    ]
+    table = CostTable(DeviceProfile(document), measure=False)
+    spec = LayerSpec("conv2d", (1, 16, 8, 8), 16, (3, 3), (1, 1), (1, 1))
+    assert table.latency(spec, "fp32") == pytest.approx(0.20)
+    assert table.measured == 0
+    assert len(table.interpolated) == 1
+
+
+class _StubCosts:
+    def __init__(self, entries):
+        self.entries = entries
+
+    def entry_for(self, layer, in_keep, option):
+        return self.entries[(layer, option.precision)]
+
+
+def test_predict_plan_int8_chain_pays_boundary_once():
+    names = ["a", "b", "c"]
+    choices = []
+    for name in names:
+        options = [Option("dense", "fp32"), Option("dense", "int8")]
+        choices.append(
+            LayerChoices(
+                name,
+                None,
+                False,
+                options,
+                {(1.0, o): 1.0 for o in options},
+                {o: 0 for o in options},
+            )
+        )
+    entries = {(n, p): {"boundary_ms": 0.25} for n in names for p in ("fp32", "int8")}
+    plan = {
+        "a": Option("dense", "int8"),
+        "b": Option("dense", "int8"),
+        "c": Option("dense", "fp32"),
+    }
+    prediction = predict_plan(choices, plan, 0.5, _StubCosts(entries))
+    # 0.5 overhead + 3 x 1.0 layers - one int8 -> int8 edge (a -> b).
+    assert prediction.latency_ms == pytest.approx(3.25)
+    assert prediction.int8_edges_ms == pytest.approx(0.25)
+    assert prediction.interpolated == []
+
+
+def _manifest(tmp_path, pairs):
+    variants = [
+        {
+            "name": f"v{i}",
+            "status": "ok",
+            "predicted_latency_ms": predicted,
+            "latency_ms": {"p50": measured, "p90": measured},
+            "plan": {"prediction": {"interpolated": []}},
+        }
+        for i, (predicted, measured) in enumerate(pairs)
+    ]
+    variants.append({"name": "bad", "status": "rejected", "latency_ms": {}})
+    (tmp_path / "manifest.json").write_text(json.dumps({"variants": variants}))
+    return tmp_path
+
+
+def test_check_json_fields(tmp_path, capsys):
+    run = _manifest(tmp_path, [(1.05, 1.0), (0.8, 1.0), (2.0, 2.0), (1.09, 1.0)])
+    assert main(["profile", "--check", str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["variants"] == 4
+    assert summary["within_10pct"] == pytest.approx(0.75)
+    assert summary["median_abs_error_pct"] == pytest.approx(7.0)
+
+
+def test_check_text_summary(tmp_path, capsys):
+    run = _manifest(tmp_path, [(1.0, 1.0)])
+    assert main(["profile", "--check", str(run)]) == 0
+    assert "100% within 10%" in capsys.readouterr().out
+
+
+def test_check_missing_manifest(tmp_path):
+    with pytest.raises(DeployError, match="manifest.json"):
+        check_run(tmp_path)
+
+
+def test_standard_sweep_covers_options():
+    specs = standard_specs(SearchSpace())
+    options = {s.option.split(":")[0] for s in specs}
+    assert options == {"dense", "lowrank"}
+    assert any(s.groups > 1 for s in specs)
+    assert any(s.op == "linear" and len(s.input_shape) == 3 for s in specs)
+    assert len(specs) == len(set(specs))
+
+
+@pytest.fixture
+def quick_profile(tmp_path):
+    """An empty profile of this machine with a short protocol, to keep the sweep fast."""
+    device_profile = new_local_profile("quick")
+    device_profile.data["protocol"].update(warmup=2, runs=10)
+    return device_profile.save(tmp_path / "quick.yaml")
+
+
+def test_profile_tiny_model_and_resume(tmp_path, quick_profile, monkeypatch, capsys):
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY_MODEL)
+    space = SearchSpace(keep_ratios=(0.5,), rank_fractions=(0.5,))
+    measured = profile(quick_profile, str(model), input_shape=(1, 1, 4, 4), space=space)
+    table = measured.data["latency_table"]
+    assert measured.data["measured"] is True
+    assert {e["precision"] for e in table} == {"fp32", "int8"}
+    assert {e["op"] for e in table} == {"conv2d", "linear"}
+    assert all(e["energy_source"] == "estimate" for e in table)
+    assert all("boundary_ms" in e for e in table if e["precision"] == "int8")
+    saved = load_profile(quick_profile)
+    assert len(saved.data["latency_table"]) == len(table)
+
+    # A rerun finds every entry in the file and measures nothing.
+    def fail(*args, **kwargs):
+        raise AssertionError("an entry was measured again")
+
+    monkeypatch.setattr(costs_module, "measure_spec", fail)
+    assert profile(quick_profile, str(model), input_shape=(1, 1, 4, 4), space=space)
+    assert len(load_profile(quick_profile).data["latency_table"]) == len(table)
+
+
+def test_profile_cli_rejects_other_machine(tmp_path, document, capsys):
+    document["device"]["cpu_model"] = "Some Other CPU"
+    path = _write(tmp_path, document)
+    assert main(["profile", "--out", str(path), "--input-shape", "1,1,4,4"]) == 2
+    assert "not on this machine" in capsys.readouterr().err
+
+
+def test_profile_needs_input_shape(tmp_path, quick_profile):
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY_MODEL)
+    with pytest.raises(DeployError, match="--input-shape"):
+        profile(quick_profile, str(model))
