@@ -50,7 +50,13 @@ from deploy.report import MANIFEST, mark_frontier, write_atomic, write_report
 from deploy.sensitivity import measure_sensitivity
 from deploy.torch_utils import first_output, predict, to_tensors
 from deploy.validate import Validation, validate_artifact
-from exporters.onnx import ExportError, nodes_of_module, onnx_from_torch, quantize_onnx
+from exporters.onnx import (
+    ExportError,
+    OnnxRunner,
+    nodes_of_module,
+    onnx_from_torch,
+    quantize_onnx,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +214,40 @@ def _io_names(model: nn.Module, data: Dataset) -> tuple[list[str], dict[str, dic
     return names, axes
 
 
+def _check_sequence_lengths(
+    path: Path, model: nn.Module, data: Dataset, axes: dict[str, dict[int, str]]
+) -> None:
+    """Check that an export with a dynamic sequence axis matches the model at two lengths.
+
+    Batch sizes are checked by validation; this covers axis 1 of integer
+    inputs (token ids, attention masks), run at the data's length and at half
+    of it on three samples.
+
+    Raises:
+        DeployError: the export fails or disagrees with the model at a length.
+    """
+    sequence = [1 in input_axes for name, input_axes in axes.items() if name != "output"]
+    if not any(sequence):
+        return
+    runner = OnnxRunner(path, 1)
+    full = min(a.shape[1] for a, s in zip(data.inputs, sequence, strict=True) if s)
+    for length in (full, max(full // 2, 1)):
+        arrays = [
+            a[:3, :length] if s else a[:3] for a, s in zip(data.inputs, sequence, strict=True)
+        ]
+        expected = predict(model, arrays)
+        try:
+            output = runner.run(dict(zip(runner.input_names, arrays, strict=True)))[0]
+        except ExportError as exc:
+            raise DeployError(f"the fp32 export fails at sequence length {length}: {exc}") from exc
+        error = float(np.abs(output - expected).max())
+        if output.shape != expected.shape or error > 1e-3 * max(float(np.abs(expected).max()), 1.0):
+            raise DeployError(
+                f"the fp32 export differs from the model at sequence length {length} "
+                f"(max abs error {error:.3g}); the export baked in the example length"
+            )
+
+
 def _check_model_runs(model: nn.Module, data: Dataset) -> np.ndarray:
     try:
         with torch.no_grad():
@@ -310,10 +350,18 @@ def _quantize_variant(
     float_path: Path, path: Path, plan: Plan, quantize: QuantizeConfig, feeds
 ) -> None:
     proto = onnx.load(str(float_path))
-    exclude = []
+    # Only the nodes of layers the plan puts in int8 are quantized. MatMuls of no
+    # planned layer (attention's Q @ K^T and weights @ V, both inputs activations)
+    # stay in float: the sensitivity analysis never measured them.
+    int8_nodes = set()
     for name, option in plan.layers.items():
-        if option.precision != "int8":
-            exclude += nodes_of_module(proto, name, QUANTIZED_OPS)
+        if option.precision == "int8":
+            int8_nodes.update(nodes_of_module(proto, name, QUANTIZED_OPS))
+    exclude = [
+        node.name
+        for node in proto.graph.node
+        if node.op_type in QUANTIZED_OPS and node.name not in int8_nodes
+    ]
     quantize_onnx(
         float_path,
         path,
@@ -460,6 +508,7 @@ def _run(
             )
             if not check:
                 raise DeployError(f"the fp32 export of the model is broken: {check.reason}")
+            _check_sequence_lengths(partial / "baseline.onnx", original, validation_set, axes)
             baseline = _entry("baseline", "baseline.onnx", check, None, None, "fp32 baseline")
             _save_json(partial / "baseline.json", baseline)
         logger.info(

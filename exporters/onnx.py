@@ -122,18 +122,29 @@ def nodes_of_module(proto: onnx.ModelProto, module_name: str, op_types: Iterable
     """Return the names of the nodes of ``op_types`` that module ``module_name`` exported to.
 
     The TorchScript exporter names a node by its module scope, one path
-    component per nesting level, each the full dotted module name:
-    module ``blocks.0.fc`` gives ``/blocks/blocks.0/blocks.0.fc/MatMul``.
+    component per called module. A component is either the full dotted module
+    name (children of an ``nn.Sequential``: module ``blocks.0.fc`` gives
+    ``/blocks/blocks.0/blocks.0.fc/MatMul``) or the name relative to the
+    module above (``encoder.layer.0.query`` gives
+    ``/encoder/layer.0/query/MatMul``); both are read here.
     """
     wanted = set(op_types)
     names = []
     for node in proto.graph.node:
         if node.op_type not in wanted:
             continue
-        scopes = node.name.split("/")[1:-1]
-        if module_name in scopes:
+        if module_name in _scope_paths(node.name.split("/")[1:-1]):
             names.append(node.name)
     return names
+
+
+def _scope_paths(components: list[str]) -> set[str]:
+    # The full module name at each nesting level of one node's scope.
+    paths, path = set(), ""
+    for component in components:
+        path = component if not path or component.startswith(path + ".") else f"{path}.{component}"
+        paths.add(path)
+    return paths
 
 
 class CalibrationFeeds:
