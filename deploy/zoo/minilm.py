@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import re
 import warnings
@@ -171,6 +172,15 @@ def _is_prose(sentence: str) -> bool:
     return letters / len(sentence) > 0.9 and not re.search(r"[_(){}\[\]=<>`]", sentence)
 
 
+def _public_docstrings(module, module_name: str) -> list[str]:
+    texts = []
+    for name, value in sorted(vars(module).items()):
+        public = not name.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value))
+        if public and value.__module__ == module_name:
+            texts.append(value.__doc__ or "")
+    return texts
+
+
 def extract_sentences(count: int = 400) -> list[str]:
     """Return up to ``count`` distinct English sentences from standard-library docstrings.
 
@@ -181,11 +191,10 @@ def extract_sentences(count: int = 400) -> list[str]:
     seen: dict[str, None] = {}
     for module_name in SOURCE_MODULES:
         module = importlib.import_module(module_name)
-        texts = [module.__doc__ or ""]
-        for name in sorted(vars(module)):
-            value = getattr(module, name)
-            if not name.startswith("_") and getattr(value, "__module__", None) == module_name:
-                texts.append(getattr(value, "__doc__", None) or "")
+        with warnings.catch_warnings():
+            # typing.io and typing.re warn on any attribute access in Python 3.11.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            texts = [module.__doc__ or "", *_public_docstrings(module, module_name)]
         for text in texts:
             for sentence in _clean(text):
                 if _is_prose(sentence):
