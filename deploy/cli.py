@@ -7,8 +7,11 @@ deploy pick RUN_DIR (--max-latency-ms X | --max-accuracy-drop P)
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import json
 import logging
+import math
 import sys
 import warnings
 
@@ -17,21 +20,66 @@ from deploy.errors import DeployError
 logger = logging.getLogger("deploy")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that names the bad value and the fix."""
+
+    def error(self, message: str):
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        options = [s for a in self._actions for s in a.option_strings]
+        for commands in (a for a in self._actions if isinstance(a, argparse._SubParsersAction)):
+            for sub in commands.choices.values():
+                options += [s for a in sub._actions for s in a.option_strings]
+        hint = f"; see '{self.prog} --help'"
+        if unknown:
+            close = difflib.get_close_matches(unknown[0].split("=")[0], sorted(set(options)), n=3)
+            if close:
+                hint = f"; did you mean {' or '.join(close)}?{hint}"
+        # Arguments may hold control characters; escape them to keep one line.
+        line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in f"{message}{hint}")
+        print(f"deploy: error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of milliseconds"
+            f"{text!r} is not a comma-separated list of milliseconds such as 0.5,0.8"
         ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} lists no budget; give at least one, e.g. 0.5")
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"budget {bad[0]} ms is not a positive, finite number of milliseconds"
+        )
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give at least 1")
+    return value
 
 
 def _passes(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} lists no layer name; give NAME[,NAME...]")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deploy", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -77,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how agreement is measured (default: classification)",
     )
     optimize.add_argument(
+        "--keep-float",
+        type=_names,
+        default=None,
+        metavar="NAME,...",
+        help="comma-separated layers that stay in float: PyTorch module names (classifier.1) "
+        "or ONNX node names of the fp32 export (/classifier/classifier.1/Gemm)",
+    )
+    optimize.add_argument(
         "--resume", action="store_true", help="finish an interrupted run of the same --out"
     )
     optimize.add_argument(
@@ -99,9 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _optimize(args) -> int:
+def config_from_args(args: argparse.Namespace):
+    """Build the ``OptimizeConfig`` that ``deploy optimize`` arguments describe.
+
+    Raises:
+        DeployError: an argument value is invalid.
+    """
     from deploy.finetune import FinetuneConfig
-    from deploy.pipeline import OptimizeConfig, optimize
+    from deploy.passes.quantize import QuantizeConfig
+    from deploy.pipeline import OptimizeConfig
 
     config_args = {
         "budgets_ms": args.budget_ms,
@@ -111,7 +173,15 @@ def _optimize(args) -> int:
     }
     if args.passes is not None:
         config_args["passes"] = args.passes
-    config = OptimizeConfig(**config_args)
+    if args.keep_float:
+        config_args["quantize"] = QuantizeConfig(keep_float=args.keep_float)
+    return OptimizeConfig(**config_args)
+
+
+def _optimize(args) -> int:
+    from deploy.pipeline import optimize
+
+    config = config_from_args(args)
     manifest = optimize(
         args.model,
         args.data,
@@ -166,12 +236,39 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"deploy: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"deploy: error: {_describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"deploy: internal error: {type(exc).__name__}: {message}; rerun with --debug "
+            f"for the traceback and report it as a bug",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "deploy: interrupted; pass --resume with the same --out to finish the run",
             file=sys.stderr,
         )
         return 130
+
+
+def _describe_os_error(exc: OSError) -> str:
+    where = f" on {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device{where}; free some space, then rerun the same "
+            f"command with --resume to finish the run"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}; choose a writable --out or fix the permissions"
+    return f"{exc.strerror or exc}{where}; check the path and rerun"
 
 
 if __name__ == "__main__":

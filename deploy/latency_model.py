@@ -2,7 +2,7 @@
 
 A variant's predicted latency is
 
-    overhead + sum over layers of net(entry) - sum over int8 -> int8 edges of boundary
+    overhead + scale x (sum over layers of net(entry) - sum over int8 -> int8 edges of boundary)
 
 - ``net(entry)`` is the one-layer model's median less ``call_ms``, the cost of
   an empty session call measured beside it: a whole model pays the call once,
@@ -11,10 +11,13 @@ A variant's predicted latency is
   its entry includes both. Between two consecutive int8 layers ONNX Runtime
   passes int8 tensors, so each such edge saves the second layer's
   ``boundary_ms`` (QuantizeLinear and DequantizeLinear on its input).
-- ``overhead`` is measured per model: the fp32 baseline's measured median less
-  the sum of its layers' net entries. It holds the session call, the layers
-  without entries (pooling, activations, normalization) and layout
-  conversions.
+- ``overhead`` and ``scale`` are calibrated per model on the measured fp32
+  baseline: ``overhead`` is one session call, and ``scale`` maps the sum of
+  the baseline's net entries onto its measured median less that call. It
+  absorbs what one-layer models do not show: ONNX Runtime fuses activations
+  into the layers and keeps the NCHWc layout between consecutive convs, so a
+  layer runs faster inside a model than alone, while pooling and reshapes
+  add time.
 
 Where an entry is missing and cannot be measured (a profile of another
 device), its net latency is interpolated in multiply-adds between measured
@@ -27,12 +30,15 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import logging
 import math
 import statistics
 from pathlib import Path
 
 from deploy.errors import DeployError
 from deploy.measure import LayerSpec
+
+logger = logging.getLogger(__name__)
 
 WITHIN = 0.10
 
@@ -123,6 +129,40 @@ def interpolate_entry(entries: list[dict], spec: LayerSpec, precision: str) -> d
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Per-model calibration of the latency model on the measured fp32 baseline.
+
+    Attributes:
+        overhead_ms: time outside the layers, one session call.
+        scale: measured baseline time in the layers over the sum of their
+            net entries.
+    """
+
+    overhead_ms: float
+    scale: float
+
+
+def calibrate(baseline_ms: float, layers_ms: float, call_ms: float) -> Calibration:
+    """Fit the calibration to a baseline measured at ``baseline_ms`` whose net entries sum to ``layers_ms``.
+
+    A scale far from 1 means the machine was busier (or quieter) while the
+    baseline was measured than while the profile was, and is logged.
+    """
+    overhead = min(max(call_ms, 0.0), baseline_ms)
+    if layers_ms <= 0:
+        return Calibration(max(baseline_ms, 0.0), 1.0)
+    scale = max(baseline_ms - overhead, 0.0) / layers_ms
+    if not 0.5 <= scale <= 2.0:
+        logger.warning(
+            "the fp32 baseline ran %.2fx as long as its layers' latency table entries add up "
+            "to; the machine may be busy, or the profile stale: re-measure it with "
+            "'deploy profile'",
+            scale,
+        )
+    return Calibration(overhead, scale)
+
+
 @dataclasses.dataclass
 class Prediction:
     """A variant's predicted latency and how it was composed, in ms.
@@ -130,13 +170,15 @@ class Prediction:
     Attributes:
         latency_ms: the prediction.
         overhead_ms: the per-model overhead it includes.
-        layers_ms: the sum of the layers' net entries.
-        int8_edges_ms: what consecutive int8 layers save (subtracted).
+        scale: the per-model scale applied to every net entry.
+        layers_ms: the sum of the layers' scaled net entries.
+        int8_edges_ms: what consecutive int8 layers save, scaled.
         interpolated: layers whose entry was interpolated, not measured.
     """
 
     latency_ms: float
     overhead_ms: float
+    scale: float
     layers_ms: float
     int8_edges_ms: float
     interpolated: list[str]
@@ -145,16 +187,21 @@ class Prediction:
         return dataclasses.asdict(self)
 
 
-def predict_plan(choices, plan_layers: dict, overhead_ms: float, costs) -> Prediction:
+def predict_plan(choices, plan_layers: dict, calibration: Calibration | float, costs) -> Prediction:
     """Predict a plan's latency from its layers' entries (see the module docstring).
 
     Args:
-        choices: the planner's ``LayerChoices``, in run order.
+        choices: the planner's ``LayerChoices``, in run order, with net
+            latencies already multiplied by ``calibration.scale`` (as the
+            planner sees them).
         plan_layers: layer name -> ``Option`` of the plan.
-        overhead_ms: the measured per-model overhead.
+        calibration: the model's ``Calibration``, or an overhead in ms with
+            scale 1.
         costs: the ``CostTable`` that priced ``choices``; it holds the entry
             behind each (layer, input keep, option).
     """
+    if not isinstance(calibration, Calibration):
+        calibration = Calibration(float(calibration), 1.0)
     layers_ms = edges_ms = 0.0
     interpolated = []
     keep = 1.0
@@ -171,8 +218,11 @@ def predict_plan(choices, plan_layers: dict, overhead_ms: float, costs) -> Predi
             edges_ms += float(entry.get("boundary_ms", 0.0))
         previous_int8 = int8
         keep = in_keep if layer.passthrough else option.keep
-    latency = max(overhead_ms + layers_ms - edges_ms, 0.0)
-    return Prediction(latency, overhead_ms, layers_ms, edges_ms, interpolated)
+    edges_ms *= calibration.scale
+    latency = calibration.overhead_ms + max(layers_ms - edges_ms, 0.0)
+    return Prediction(
+        latency, calibration.overhead_ms, calibration.scale, layers_ms, edges_ms, interpolated
+    )
 
 
 def _error_pct(entry: dict) -> float | None:

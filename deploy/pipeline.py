@@ -14,8 +14,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import difflib
+import errno
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -49,7 +53,7 @@ from deploy.profiles import (
 from deploy.report import MANIFEST, mark_frontier, write_atomic, write_report
 from deploy.sensitivity import measure_sensitivity
 from deploy.torch_utils import first_output, predict, to_tensors
-from deploy.validate import Validation, validate_artifact
+from deploy.validate import Validation, per_tensor_zeroed_channels, validate_artifact
 from exporters.onnx import (
     ExportError,
     OnnxRunner,
@@ -91,6 +95,8 @@ class OptimizeConfig:
     """
 
     budgets_ms: list[float] | None = None
+    # Energy budgets in mJ per inference, converted to latency budgets with the profile's power.
+    budgets_mj: list[float] | None = None
     num_budgets: int = 10
     passes: tuple[str, ...] = PASSES
     calibration_fraction: float = 0.4
@@ -101,9 +107,23 @@ class OptimizeConfig:
     max_calibration_samples: int = 256
 
     def __post_init__(self):
+        if isinstance(self.passes, str) or not isinstance(self.passes, (list, tuple)):
+            raise DeployError(
+                f"passes {self.passes!r} must be a list of pass names, such as ('prune', 'quantize')"
+            )
         unknown = [p for p in self.passes if p not in PASSES]
         if unknown:
             raise DeployError(f"unknown pass {unknown[0]!r}; choose from {', '.join(PASSES)}")
+        if not self.passes:
+            raise DeployError(f"passes is empty; choose at least one of {', '.join(PASSES)}")
+        self.passes = tuple(self.passes)
+        if self.budgets_ms is not None:
+            self.budgets_ms = _check_budgets(self.budgets_ms)
+        _check_int("num_budgets", self.num_budgets, 1)
+        _check_int("max_calibration_samples", self.max_calibration_samples, 1)
+        fraction = self.calibration_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise DeployError(f"calibration_fraction {fraction!r} must be a number in [0.05, 0.9]")
         if not 0.05 <= self.calibration_fraction <= 0.9:
             raise DeployError(
                 f"calibration fraction {self.calibration_fraction} is outside [0.05, 0.9]; "
@@ -111,14 +131,19 @@ class OptimizeConfig:
             )
         if self.task not in ("classification", "embedding"):
             raise DeployError(f"task {self.task!r} is not 'classification' or 'embedding'")
-        if self.num_budgets < 1:
-            raise DeployError(f"num_budgets {self.num_budgets} must be at least 1")
+        if self.finetune is not None and not isinstance(self.finetune, FinetuneConfig):
+            raise DeployError(f"finetune {self.finetune!r} must be a FinetuneConfig or None")
+        if not isinstance(self.quantize, QuantizeConfig):
+            raise DeployError(f"quantize {self.quantize!r} must be a QuantizeConfig")
+        if self.space is not None and not isinstance(self.space, SearchSpace):
+            raise DeployError(f"space {self.space!r} must be a SearchSpace or None")
         if self.space is None:
             self.space = SearchSpace(passes=tuple(self.passes))
 
     def to_dict(self) -> dict:
         return {
             "budgets_ms": self.budgets_ms,
+            "budgets_mj": self.budgets_mj,
             "num_budgets": self.num_budgets,
             "passes": list(self.passes),
             "calibration_fraction": self.calibration_fraction,
@@ -127,6 +152,29 @@ class OptimizeConfig:
             "space": self.space.to_dict(),
             "task": self.task,
         }
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DeployError(f"{name} {value!r} must be a whole number of at least {minimum}")
+    if value < minimum:
+        raise DeployError(f"{name} {value} must be at least {minimum}")
+
+
+def _check_budgets(budgets) -> list[float]:
+    if isinstance(budgets, (str, bytes)) or not hasattr(budgets, "__iter__"):
+        raise DeployError(f"budgets_ms {budgets!r} must be a list of milliseconds, such as [0.5]")
+    values = list(budgets)
+    if not values:
+        raise DeployError("budgets_ms is empty; give at least one budget or None for the sweep")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise DeployError(f"latency budget {value!r} is not a number of milliseconds")
+        if not (math.isfinite(value) and value > 0):
+            raise DeployError(
+                f"latency budget {value} ms is not a positive, finite number of milliseconds"
+            )
+    return [float(v) for v in values]
 
 
 class _Stage:
@@ -200,6 +248,36 @@ def _warn_on_batchnorm(model: nn.Module) -> None:
                 f"statistics even in eval mode and the exported graph differs from training",
                 stacklevel=3,
             )
+
+
+def _fold_pruning_masks(model: nn.Module) -> None:
+    """Fold ``torch.nn.utils.prune`` masks into plain weights, in place on deploy's copy.
+
+    A masked layer keeps ``weight_orig`` and ``weight_mask`` and recomputes the
+    weight in a forward pre-hook, so an export would carry both tensors.
+    """
+    from torch.nn.utils import prune as torch_prune
+
+    folded = []
+    for name, module in model.named_modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                for method in getattr(hook, "_pruning_methods", [hook]):
+                    if hasattr(module, f"{method._tensor_name}_mask"):
+                        torch_prune.remove(module, method._tensor_name)
+                        folded.append(f"{name}.{method._tensor_name}")
+    if folded:
+        logger.info("    folded pruning masks into %s", ", ".join(folded))
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    if total and zeros / total >= 0.5:
+        warnings.warn(
+            f"{zeros / total:.0%} of the Conv and Linear weights are zero (unstructured "
+            f"sparsity); ONNX Runtime on the CPU stores and runs them as dense tensors, so "
+            f"size and latency do not shrink: remove whole channels with the prune pass instead",
+            stacklevel=3,
+        )
 
 
 def _io_names(model: nn.Module, data: Dataset) -> tuple[list[str], dict[str, dict[int, str]]]:
@@ -276,7 +354,61 @@ def _prepare_out(out: Path, resume: bool) -> Path:
             f"or remove that folder to start over"
         )
     (partial / "variants").mkdir(parents=True, exist_ok=True)
+    # A kill during an atomic write leaves its hidden temporary file; none of
+    # them is ever read, so they are removed before resuming.
+    for folder in (partial, partial / "variants"):
+        for stale in folder.glob(".*"):
+            if stale.is_file():
+                stale.unlink()
     return partial
+
+
+RUN_IDENTITY = "run.json"
+
+
+def _run_identity(model: nn.Module, model_name: str, dataset: Dataset, profile, config) -> dict:
+    """Return what must match for ``--resume`` to reuse a partial run: model, data, profile, config."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    model_digest = digest.hexdigest()
+    digest = hashlib.sha256()
+    for array in [*dataset.inputs, *([] if dataset.labels is None else [dataset.labels])]:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return {
+        "model": model_name,
+        "model_sha256": model_digest,
+        "data_sha256": digest.hexdigest(),
+        "device_profile": profile.name,
+        "config": json.loads(json.dumps(config.to_dict())),
+    }
+
+
+def _check_same_run(partial: Path, identity: dict) -> None:
+    saved = _load_json(partial / RUN_IDENTITY)
+    if saved is None:
+        _save_json(partial / RUN_IDENTITY, identity)
+        return
+    changed = [key for key in identity if saved.get(key) != identity[key]]
+    if changed:
+        raise DeployError(
+            f"the interrupted run at {partial} was started with a different {changed[0]}; "
+            f"resume it with the same arguments, or remove that folder to start over"
+        )
+
+
+def _describe_write_failure(exc: OSError, partial: Path) -> str:
+    where = exc.filename or partial
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device while writing {where}; free some space, then rerun "
+            f"the same command with --resume to finish the run from {partial}"
+        )
+    return (
+        f"writing {where} failed ({exc.strerror or exc}); fix the cause, then rerun the same "
+        f"command with --resume to finish the run from {partial}"
+    )
 
 
 def _save_json(path: Path, data) -> None:
@@ -430,12 +562,24 @@ def optimize(
             f"ONNX Runtime on this machine: pass an onnxruntime profile"
         )
     protocol = timing_protocol(profile)
+    if protocol.pin_cpus is None and hasattr(os, "sched_getaffinity"):
+        # One fixed affinity for the baseline and every variant of this run.
+        cpus = tuple(sorted(os.sched_getaffinity(0)))[: protocol.threads]
+        protocol = dataclasses.replace(protocol, pin_cpus=cpus)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out) if out is not None else Path("runs") / f"{model_name}-{stamp}"
 
     # Work on a copy in eval mode: the user's model keeps its parameters and mode.
     _warn_on_batchnorm(user_model)
+    if any(m.training for m in user_model.modules()):
+        warnings.warn(
+            "the model is in training mode; deploy exports, measures and compares its eval-mode "
+            "function (BatchNorm running statistics, no dropout), and your model stays in "
+            "training mode",
+            stacklevel=2,
+        )
     original = copy.deepcopy(user_model).eval()
+    _fold_pruning_masks(original)
     _check_model_runs(original, dataset)
     calibration_set, validation_set = dataset.split(config.calibration_fraction)
     calibration = [a[: config.max_calibration_samples] for a in calibration_set.inputs]
@@ -443,9 +587,11 @@ def optimize(
     names, axes = _io_names(original, dataset)
     classification = config.task == "classification"
 
+    existed = (out.parent / f".{out.name}.partial").exists()
     partial = _prepare_out(out, resume)
-    completed = False
+    completed = keep_partial = False
     try:
+        _check_same_run(partial, _run_identity(original, model_name, dataset, profile, config))
         manifest = _run(
             original,
             model_name,
@@ -463,10 +609,24 @@ def optimize(
         )
         partial.rename(out)
         completed = True
+    except KeyboardInterrupt:
+        keep_partial = True
+        raise
+    except OSError as exc:
+        # A full disk or a lost permission: what was written so far is complete
+        # (every file goes through a temporary name), so keep it for --resume.
+        keep_partial = True
+        raise DeployError(_describe_write_failure(exc, partial)) from exc
     finally:
         # Bad input found before any variant was validated leaves nothing behind;
-        # otherwise the partial folder stays for --resume.
-        if not completed and not any((partial / "variants").glob("*.json")):
+        # otherwise the partial folder stays for --resume. A resumed run never
+        # deletes what the interrupted run left.
+        if (
+            not completed
+            and not keep_partial
+            and not existed
+            and not any((partial / "variants").glob("*.json"))
+        ):
             shutil.rmtree(partial, ignore_errors=True)
     logger.info(
         "wrote %s (%d variants, %d on the frontier)",
@@ -517,9 +677,12 @@ def _run(
             baseline["accuracy"],
         )
 
+    keep_float = resolve_keep_float(config.quantize.keep_float, original, partial / "baseline.onnx")
     planned = _load_json(partial / "plans.json")
     if planned is None:
-        planned = _plan(original, profile, config, calibration, example_inputs, baseline, total)
+        planned = _plan(
+            original, profile, config, calibration, example_inputs, baseline, total, keep_float
+        )
         _save_json(partial / "plans.json", planned)
     else:
         logger.info(
@@ -552,6 +715,15 @@ def _run(
                     partial,
                 )
                 _save_json(saved, entry)
+            if entry.get("per_tensor_zeroed"):
+                variants.append(entry)
+                entry = _per_channel_variant(
+                    name,
+                    plan,
+                    partial,
+                    (original, example_inputs, calibration, validation_set, reference, protocol),
+                    (config, names, axes, feeds, classification),
+                )
             logger.info(
                 "    %s %-28s p50 %.3f ms (predicted %.3f), accuracy %s, %s",
                 name,
@@ -585,7 +757,13 @@ def _run(
                 "threads": profile.threads,
                 "cpu_model": profile.data["device"].get("cpu_model"),
             },
-            "protocol": protocol.to_dict(),
+            "protocol": {
+                **protocol.to_dict(),
+                "batch_size": 1,
+                "warmup_excluded": True,
+                "cold_start": "a fresh session's creation plus its first run, reported as "
+                "cold_ms apart from p50 and p90",
+            },
             "data": {
                 "source": data_source,
                 "calibration_samples": len(calibration[0]),
@@ -601,7 +779,55 @@ def _run(
     return manifest
 
 
-def _plan(original, profile, config, calibration, example_inputs, baseline, total) -> dict:
+def resolve_keep_float(names: list[str], model: nn.Module, float_onnx: Path) -> set[str]:
+    """Map layer names to keep in float to PyTorch module names, before any rewrite.
+
+    Each name is a Conv2d or Linear module name of ``model`` or the name of a
+    Conv, Gemm or MatMul node of its fp32 export ``float_onnx``; the runtime's
+    quantizer may rename that node later (a dynamic rewrite turns Gemm into
+    MatMul), which is why names are resolved here, against the export.
+
+    Raises:
+        DeployError: a name matches neither; the message lists close matches.
+    """
+    if not names:
+        return set()
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    proto = onnx.load(str(float_onnx))
+    nodes = {n.name: None for n in proto.graph.node if n.op_type in QUANTIZED_OPS}
+    # Shorter (outer) names first, so that each node ends up owned by its innermost layer.
+    for layer in sorted(layers, key=len):
+        for node in nodes_of_module(proto, layer, QUANTIZED_OPS):
+            nodes[node] = layer
+    resolved = set()
+    for name in names:
+        if name in layers:
+            resolved.add(name)
+        elif nodes.get(name):
+            resolved.add(nodes[name])
+        elif name in nodes:
+            raise DeployError(
+                f"--keep-float node {name!r} belongs to no Conv2d or Linear module, so deploy "
+                f"cannot keep it in float; name its layer instead"
+            )
+        else:
+            close = difflib.get_close_matches(name, sorted(layers | set(nodes)), n=4, cutoff=0.5)
+            raise DeployError(
+                f"--keep-float name {name!r} is neither a Conv2d or Linear module of the model "
+                f"nor a Conv, Gemm or MatMul node of its ONNX export; "
+                + (
+                    f"close matches: {', '.join(close)}"
+                    if close
+                    else f"layers: {', '.join(sorted(layers))}"
+                )
+            )
+    logger.info("    kept in float: %s", ", ".join(sorted(resolved)))
+    return resolved
+
+
+def _plan(
+    original, profile, config, calibration, example_inputs, baseline, total, keep_float=frozenset()
+) -> dict:
     with _Stage(2, total, "analyze"):
         layers = analyze(original, example_inputs)
         if not layers:
@@ -622,6 +848,9 @@ def _plan(original, profile, config, calibration, example_inputs, baseline, tota
         options, latency, input_from, passthrough = layer_options(
             original, layers, prunable, config.space, costs, progress=_progress("layer")
         )
+        for name in keep_float:
+            if name in options:
+                options[name] = [o for o in options[name] if o.precision != "int8"]
         logger.info(
             "    %d entries reused, %d measured%s",
             costs.reused,
@@ -674,6 +903,26 @@ def _plan(original, profile, config, calibration, example_inputs, baseline, tota
     }
 
 
+def _per_channel_variant(name, plan, partial: Path, data, settings) -> dict:
+    """Build (or reuse) the per-channel static int8 alternative to a rejected per-tensor variant."""
+    config = settings[0]
+    saved = partial / "variants" / f"{name}-per-channel.json"
+    entry = _load_json(saved)
+    if entry is None:
+        quantize = dataclasses.replace(config.quantize, method="static", per_channel=True)
+        entry = _build_variant(
+            f"{name}-per-channel",
+            plan,
+            *data,
+            dataclasses.replace(config, quantize=quantize),
+            *settings[1:],
+            partial,
+            summary=f"{plan.describe()} (per-channel static int8)",
+        )
+        _save_json(saved, entry)
+    return entry
+
+
 def _build_variant(
     name,
     plan,
@@ -689,25 +938,54 @@ def _build_variant(
     feeds,
     classification,
     partial: Path,
+    summary: str | None = None,
 ) -> dict:
     variant, recipe = materialize(original, plan, example_inputs, calibration, config)
     folder = partial / "variants"
     float_path = folder / f"{name}.fp32.onnx"
     _export(variant, example_inputs, float_path, names, axes)
     artifact = float_path
+    zeroed = []
+    failure = None
     if recipe["quantize"]:
         artifact = folder / f"{name}.int8.onnx"
-        _quantize_variant(float_path, artifact, plan, config.quantize, feeds)
-        float_path.unlink()
+        if not config.quantize.per_channel or config.quantize.method == "dynamic":
+            # ONNX Runtime's dynamic ConvInteger has one weight scale per tensor
+            # even when per_channel is set.
+            proto = onnx.load(str(float_path))
+            int8 = [
+                n
+                for x in recipe["quantize"]["layers"]
+                for n in nodes_of_module(proto, x, QUANTIZED_OPS)
+            ]
+            zeroed = per_tensor_zeroed_channels(float_path, int8)
+        try:
+            _quantize_variant(float_path, artifact, plan, config.quantize, feeds)
+        except ExportError as exc:
+            failure = f"quantization failed: {exc}"
+            artifact = float_path
+        else:
+            float_path.unlink()
     check = validate_artifact(
         artifact, validation_set, reference, protocol, classification=classification
     )
+    if failure:
+        check = dataclasses.replace(check, status="rejected", reason=failure)
+    elif zeroed:
+        check = dataclasses.replace(
+            check,
+            status="rejected",
+            reason=f"{config.quantize.method} per-tensor int8 rounds whole weight channels to "
+            f"zero in {'; '.join(zeroed)}; a per-channel static variant is offered instead",
+        )
     entry = _entry(
         name,
         str(artifact.relative_to(partial)),
         check,
         plan.predicted_latency_ms,
         {**plan.to_dict(), "recipe": recipe},
-        plan.describe(),
+        summary or plan.describe(),
     )
+    if zeroed:
+        entry["per_tensor_zeroed"] = zeroed
     return entry

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from deploy.data import Dataset
 from deploy.errors import DeployError
-from exporters.onnx import ExportError, OnnxRunner
+from exporters.onnx import ExportError, OnnxRunner, first_nonfinite_node
 from exporters.timing import TimingProtocol
 
 
@@ -28,6 +31,7 @@ class Validation:
     size_bytes: int
     status: str
     reason: str | None = None
+    zero_weight_fraction: float | None = None
 
     def __bool__(self) -> bool:
         return self.status == "ok"
@@ -60,10 +64,10 @@ def check_batch_sizes(
     """
     largest = max(sizes)
     singles = np.concatenate(
-        [runner.run(_feeds(runner, [a[i : i + 1] for a in arrays]))[0] for i in range(largest)]
+        [_run_at_batch(runner, [a[i : i + 1] for a in arrays]) for i in range(largest)]
     )
     for size in sizes:
-        batch = runner.run(_feeds(runner, [a[:size] for a in arrays]))[0]
+        batch = _run_at_batch(runner, [a[:size] for a in arrays])
         if batch.shape[0] != size:
             raise ExportError(
                 f"{runner.path.name} returned batch dimension {batch.shape[0]} for an input batch "
@@ -77,6 +81,80 @@ def check_batch_sizes(
             )
 
 
+def _run_at_batch(runner: OnnxRunner, arrays: list[np.ndarray]) -> np.ndarray:
+    try:
+        return runner.run(_feeds(runner, arrays))[0]
+    except ExportError as exc:
+        size = len(arrays[0])
+        raise ExportError(
+            f"{exc}; axis 0 (batch) of the inputs is declared dynamic but the graph fails at "
+            f"batch {size}: a size read as a Python number during export (x.data.size(), "
+            f"int(x.shape[0]), .item()) froze it, so compute shapes from tensors or use -1"
+        ) from exc
+
+
+def zero_weight_fraction(path: str | os.PathLike) -> float:
+    """Return the fraction of zeros among the float weights of Conv, Gemm and MatMul nodes."""
+    proto = onnx.load(str(path))
+    initializers = {i.name: i for i in proto.graph.initializer}
+    total = zeros = 0
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        tensor = initializers.get(node.input[1])
+        if tensor is None:
+            continue
+        weight = numpy_helper.to_array(tensor)
+        if np.issubdtype(weight.dtype, np.floating):
+            total += weight.size
+            zeros += int((weight == 0).sum())
+    return zeros / total if total else 0.0
+
+
+def per_tensor_zeroed_channels(
+    path: str | os.PathLike, node_names: list[str] | None = None
+) -> list[str]:
+    """Name the nodes whose per-tensor int8 weights round whole output channels to zero.
+
+    Symmetric per-tensor int8 has one scale, ``max|w| / 127``, for the whole
+    weight, so a channel whose largest weight is below half a step becomes all
+    zeros. That happens when channel ranges span more than about 254x, as in
+    depthwise convolutions after BatchNorm folding. Returns one description
+    per affected node of the float ONNX file at ``path``, depthwise nodes
+    marked, limited to ``node_names`` when given.
+    """
+    proto = onnx.load(str(path))
+    initializers = {i.name: i for i in proto.graph.initializer}
+    found = []
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        if node_names is not None and node.name not in node_names:
+            continue
+        tensor = initializers.get(node.input[1])
+        if tensor is None:
+            continue
+        weight = np.abs(numpy_helper.to_array(tensor).astype(np.float64))
+        transposed = node.op_type == "MatMul" or (
+            node.op_type == "Gemm"
+            and not any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        )
+        per_channel = weight.max(axis=0) if transposed else weight.reshape(len(weight), -1).max(1)
+        per_channel = per_channel.ravel()
+        step = per_channel.max() / 127.0
+        zeroed = int((per_channel < step / 2).sum())
+        if not zeroed:
+            continue
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        depthwise = node.op_type == "Conv" and groups > 1 and groups == len(weight)
+        kind = "depthwise node" if depthwise else "node"
+        found.append(
+            f"{kind} {node.name} ({zeroed} of {per_channel.size} channels, weight ranges "
+            f"{per_channel.min():.2g} to {per_channel.max():.2g})"
+        )
+    return found
+
+
 def validate_artifact(
     path: str | os.PathLike,
     data: Dataset,
@@ -87,12 +165,13 @@ def validate_artifact(
 ) -> Validation:
     """Validate one ONNX artifact against the original model's outputs ``reference`` on ``data``."""
     size = os.path.getsize(path)
+    sparsity = zero_weight_fraction(path)
     runner = OnnxRunner(path, protocol.threads)
     try:
         check_batch_sizes(runner, data.inputs)
         output = run_batched(runner, data.inputs)
     except ExportError as exc:
-        return Validation(None, 0.0, float("inf"), {}, size, "rejected", str(exc))
+        return Validation(None, 0.0, float("inf"), {}, size, "rejected", str(exc), sparsity)
     if output.shape != reference.shape:
         raise DeployError(
             f"{path} returns shape {output.shape[1:]} per sample but the original model returns "
@@ -111,8 +190,20 @@ def validate_artifact(
     accuracy = None
     if data.labels is not None and classification:
         accuracy = float((output.argmax(-1) == data.labels).mean())
-    latency = runner.time(_feeds(runner, [a[:1] for a in data.inputs]), protocol)
+    sample = [a[:1] for a in data.inputs]
+    # Cold start: a fresh session's creation plus its first run, kept apart
+    # from the warm p50/p90 that follow the protocol's warm-up.
+    start = time.perf_counter()
+    cold_runner = OnnxRunner(path, protocol.threads)
+    cold_runner.run(_feeds(cold_runner, sample))
+    cold_ms = (time.perf_counter() - start) * 1e3
+    del cold_runner
+    latency = {**runner.time(_feeds(runner, sample), protocol).to_dict(), "cold_ms": cold_ms}
     status, reason = "ok", None
     if not finite:
         status, reason = "rejected", "the output contains NaN or infinite values"
-    return Validation(accuracy, agreement, max_abs_error, latency.to_dict(), size, status, reason)
+        bad = next((i for i in range(len(output)) if not np.isfinite(output[i]).all()), 0)
+        first = first_nonfinite_node(path, _feeds(runner, [a[bad : bad + 1] for a in data.inputs]))
+        if first is not None:
+            reason += f"; the first node with a non-finite output is {first[0]} ({first[1]})"
+    return Validation(accuracy, agreement, max_abs_error, latency, size, status, reason, sparsity)

@@ -207,6 +207,11 @@ def quantize_onnx(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     destination = Path(destination)
+    excluded = list(nodes_to_exclude)
+    if method == "dynamic":
+        # The dynamic quantizer first rewrites each Gemm into MatMul + Add, named
+        # "<gemm>_MatMul" and "<gemm>_Add", and only then reads nodes_to_exclude.
+        excluded += [f"{name}_MatMul" for name in nodes_to_exclude if name.endswith("Gemm")]
     if method not in ("static", "dynamic"):
         raise ValueError(f"quantization method {method!r} is not one of 'static', 'dynamic'")
     methods = {
@@ -235,7 +240,7 @@ def quantize_onnx(
                     reduce_range=reduce_range,
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(nodes_to_exclude),
+                    nodes_to_exclude=excluded,
                     calibrate_method=methods[calibrate_method],
                 )
             else:
@@ -246,14 +251,109 @@ def quantize_onnx(
                     per_channel=per_channel,
                     reduce_range=reduce_range,
                     weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(nodes_to_exclude),
+                    nodes_to_exclude=excluded,
                 )
         check_onnx(tmp)
+        quantized = quantized_nodes(onnx.load(str(tmp)), nodes_to_exclude)
+        if quantized:
+            raise ExportError(
+                f"the quantizer rewrote {quantized[0]!r} to int8 although it was excluded; "
+                f"the layer would not stay in float"
+            )
         os.replace(tmp, destination)
     finally:
         tmp.unlink(missing_ok=True)
         prepared.unlink(missing_ok=True)
     return destination
+
+
+INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm")
+
+
+def quantized_nodes(proto: onnx.ModelProto, names: Iterable[str]) -> list[str]:
+    """Return the nodes of a quantized graph, derived from ``names``, that compute in int8.
+
+    A node derives from a name when it has that name or the name plus a
+    suffix the quantizer appends (``/fc/Gemm_MatMul``). It computes in int8
+    when it is an integer op or its weight input comes from a DequantizeLinear.
+    """
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    found = []
+    for name in names:
+        for node in proto.graph.node:
+            if node.name != name and not node.name.startswith(f"{name}_"):
+                continue
+            weight = producers.get(node.input[1]) if len(node.input) > 1 else None
+            dequantized = weight is not None and weight.op_type == "DequantizeLinear"
+            if node.op_type in INTEGER_OPS or (
+                node.op_type in ("Conv", "Gemm", "MatMul") and dequantized
+            ):
+                found.append(node.name)
+    return found
+
+
+def fp16_from_onnx(
+    source: str | os.PathLike, destination: str | os.PathLike, keep_float: Sequence[str] = ()
+) -> Path:
+    """Convert an ONNX file to float16 with ONNX Runtime's converter; inputs and outputs stay float32.
+
+    Args:
+        source: float32 ONNX file.
+        destination: output ONNX file, written only once complete.
+        keep_float: node names that keep computing in float32. Defaults to none.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    destination = Path(destination)
+    tmp = _temporary_path(destination)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = convert_float_to_float16(
+                onnx.load(str(source)), keep_io_types=True, node_block_list=list(keep_float)
+            )
+        onnx.save(proto, str(tmp))
+        check_onnx(tmp)
+        os.replace(tmp, destination)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return destination
+
+
+def first_nonfinite_node(
+    path: str | os.PathLike, feeds: dict[str, np.ndarray]
+) -> tuple[str, str] | None:
+    """Return ``(node name, op type)`` of the first node, in graph order, whose output has inf or NaN.
+
+    Every intermediate tensor becomes a graph output for one run, with graph
+    optimizations off so that nodes keep their names. Returns None when all
+    outputs are finite.
+    """
+    proto = onnx.load(str(path))
+    known = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                known.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, feeds), strict=True))
+    for node in proto.graph.node:
+        for name in node.output:
+            value = values.get(name)
+            if (
+                value is not None
+                and np.issubdtype(value.dtype, np.floating)
+                and not np.isfinite(value).all()
+            ):
+                return node.name, node.op_type
+    return None
 
 
 @contextlib.contextmanager
@@ -285,7 +385,9 @@ class OnnxRunner:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        # Errors are raised as ExportError with the node name; ORT's own log
+        # line for them would only repeat it on stderr.
+        options.log_severity_level = 4
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]
@@ -293,6 +395,7 @@ class OnnxRunner:
         except Exception as exc:
             raise ExportError(f"ONNX Runtime could not load {path}: {exc}") from exc
         self.path = Path(path)
+        self.threads = threads or 1
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -310,5 +413,16 @@ class OnnxRunner:
             ) from exc
 
     def time(self, feeds: dict[str, np.ndarray], protocol: TimingProtocol) -> Latency:
-        """Time one batch under ``protocol`` (its thread count is the session's)."""
+        """Time one batch under ``protocol``, whose thread count must be the session's.
+
+        Raises:
+            ValueError: the session was created with another thread count, so
+                the timing would not follow the protocol.
+        """
+        if protocol.threads != self.threads:
+            raise ValueError(
+                f"{self.path.name}: the session runs {self.threads} intra-op thread(s) but the "
+                f"timing protocol prescribes {protocol.threads}; create the runner with "
+                f"threads=protocol.threads"
+            )
         return time_callable(lambda: self.session.run(None, feeds), protocol)

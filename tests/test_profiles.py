@@ -16,7 +16,14 @@ from deploy import costs as costs_module
 from deploy.cli import main
 from deploy.costs import CostTable, SearchSpace
 from deploy.errors import DeployError
-from deploy.latency_model import check_run, interpolate_entry, net_ms, predict_plan
+from deploy.latency_model import (
+    Calibration,
+    calibrate,
+    check_run,
+    interpolate_entry,
+    net_ms,
+    predict_plan,
+)
 from deploy.measure import LayerSpec
 from deploy.planner import LayerChoices, Option
 from deploy.profiles import (
@@ -304,6 +311,30 @@ def test_predict_plan_int8_chain_pays_boundary_once():
     assert prediction.latency_ms == pytest.approx(3.25)
     assert prediction.int8_edges_ms == pytest.approx(0.25)
     assert prediction.interpolated == []
+
+
+def test_predict_plan_scales_edges():
+    options = [Option("dense", "int8")]
+    choices = [
+        LayerChoices(n, None, False, options, {(1.0, options[0]): 2.0}, {options[0]: 0})
+        for n in ("a", "b")
+    ]
+    entries = {(n, "int8"): {"boundary_ms": 0.5} for n in ("a", "b")}
+    plan = {n: options[0] for n in ("a", "b")}
+    prediction = predict_plan(choices, plan, Calibration(0.1, 0.8), _StubCosts(entries))
+    # Choices are already scaled; the edge saving is scaled here: 0.1 + 4.0 - 0.8 x 0.5.
+    assert prediction.latency_ms == pytest.approx(3.7)
+
+
+def test_calibrate_fits_baseline():
+    calibration = calibrate(baseline_ms=1.05, layers_ms=2.0, call_ms=0.05)
+    assert calibration.overhead_ms == pytest.approx(0.05)
+    assert calibration.scale == pytest.approx(0.5)
+    assert calibration.overhead_ms + calibration.scale * 2.0 == pytest.approx(1.05)
+
+
+def test_calibrate_without_layers():
+    assert calibrate(1.0, 0.0, 0.05) == Calibration(1.0, 1.0)
 
 
 def _manifest(tmp_path, pairs):

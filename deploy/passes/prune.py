@@ -17,6 +17,7 @@ import math
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 PRESERVES_COMPUTATION = False
 
@@ -29,18 +30,34 @@ class PruneConfig:
         keep: ``{"features.0": 0.5}`` keeps half of that layer's output channels.
         round_to: kept channel counts are rounded to a multiple of this, which
             suits vectorized kernels. Defaults to 4.
+        unstructured: ``{"features.0": 0.8}`` zeroes the 80% of that layer's
+            weights with the smallest magnitude. The masks are folded into
+            the weights, so the layer keeps its shape: a dense runtime stores
+            and runs it at the same size and speed. Defaults to none.
     """
 
     keep: dict[str, float] = dataclasses.field(default_factory=dict)
     round_to: int = 4
+    unstructured: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, amount in self.unstructured.items():
+            if not 0.0 <= amount < 1.0:
+                raise ValueError(
+                    f"prune: unstructured amount {amount} for {name!r} is outside [0, 1)"
+                )
 
     def to_dict(self) -> dict:
-        return {"keep": dict(self.keep), "round_to": self.round_to}
+        result = {"keep": dict(self.keep), "round_to": self.round_to}
+        if self.unstructured:
+            result["unstructured"] = dict(self.unstructured)
+        return result
 
     @classmethod
     def from_dict(cls, data: dict) -> PruneConfig:
         keep = {str(k): float(v) for k, v in data.get("keep", {}).items()}
-        return cls(keep=keep, round_to=int(data.get("round_to", 4)))
+        unstructured = {str(k): float(v) for k, v in data.get("unstructured", {}).items()}
+        return cls(keep=keep, round_to=int(data.get("round_to", 4)), unstructured=unstructured)
 
 
 def kept_channels(channels: int, keep: float, round_to: int = 4) -> int:
@@ -133,10 +150,36 @@ def prunable_layers(
 def apply_prune(
     model: nn.Module, config: PruneConfig, example_inputs: tuple[torch.Tensor, ...]
 ) -> nn.Module:
-    """Return a copy of ``model`` with the lowest-L1 output channels of each listed layer removed."""
+    """Return a copy of ``model`` with the lowest-L1 output channels of each listed layer removed.
+
+    Layers in ``config.unstructured`` then have their smallest-magnitude
+    weights set to zero, with the masks folded in.
+    """
     result = copy.deepcopy(model).eval()
-    if not config.keep:
-        return result
+    if config.keep:
+        _prune_channels(result, config, example_inputs)
+    for name, amount in config.unstructured.items():
+        module = _layer(result, name)
+        torch_prune.l1_unstructured(module, "weight", amount=amount)
+        # Fold the mask: the weight becomes a plain parameter again, with no
+        # weight_orig or weight_mask left to leak into an export.
+        torch_prune.remove(module, "weight")
+    return result
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as exc:
+        raise ValueError(f"prune: the model has no layer named {name!r}") from exc
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise ValueError(f"prune: layer {name!r} is not a Linear or Conv2d layer")
+    return module
+
+
+def _prune_channels(
+    result: nn.Module, config: PruneConfig, example_inputs: tuple[torch.Tensor, ...]
+) -> None:
     graph = _dependency_graph(result, example_inputs)
     for name, keep in config.keep.items():
         try:
@@ -158,4 +201,3 @@ def apply_prune(
                 f"prune: keeping {kept} of {channels} channels of {name!r} is not valid"
             )
         group.prune()
-    return result

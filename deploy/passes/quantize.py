@@ -37,6 +37,11 @@ class QuantizeConfig:
             can saturate. Defaults to False.
         calibrate_method: ``minmax``, ``entropy`` or ``percentile``.
             Defaults to ``minmax``.
+        keep_float: layers that stay in float whatever the plan chooses,
+            as PyTorch module names (``classifier.1``) or ONNX node names of
+            the fp32 export (``/classifier/classifier.1/Gemm``). The pipeline
+            resolves them before any rewrite and rejects unknown names.
+            Defaults to none.
     """
 
     method: str = "static"
@@ -44,8 +49,17 @@ class QuantizeConfig:
     per_channel: bool = True
     reduce_range: bool = False
     calibrate_method: str = "minmax"
+    keep_float: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
+        if isinstance(self.keep_float, str) or not all(
+            isinstance(n, str) and n.strip() for n in self.keep_float
+        ):
+            raise ValueError(
+                f"keep_float {self.keep_float!r} must be a list of layer names, "
+                f"such as ['classifier.1']"
+            )
+        self.keep_float = list(self.keep_float)
         if self.method not in METHODS:
             raise ValueError(f"quantize method {self.method!r} is not one of {METHODS}")
         if self.calibrate_method not in CALIBRATION_METHODS:
