@@ -2,6 +2,7 @@
 
 deploy optimize [--model FILE] [--data FILE] [--device-profile FILE] [--out DIR]
 deploy pick RUN_DIR (--max-latency-ms X | --max-accuracy-drop P)
+deploy profile (--out FILE [--model FILE] [--threads N] | --check RUN_DIR [--json])
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default: a sweep from the fastest plan to the fp32 baseline",
     )
     optimize.add_argument(
+        "--budget-mj",
+        type=_floats,
+        help="comma-separated energy budgets in mJ per inference, planned like latency budgets "
+        "through the device profile's power (an estimate with declared watts)",
+    )
+    optimize.add_argument(
         "--num-budgets", type=int, default=10, help="budgets in the default sweep (default 10)"
     )
     optimize.add_argument(
@@ -152,6 +159,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="fastest variant within this many percentage points of the baseline",
     )
     pick.add_argument("--json", action="store_true", help="print the chosen manifest entry as JSON")
+
+    profile = commands.add_parser(
+        "profile",
+        help="measure this machine's latency table into a device profile, or check a run's "
+        "predicted latency against the measured",
+    )
+    target = profile.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--out", help="device profile to create or resume, e.g. device_profiles/NAME.yaml"
+    )
+    target.add_argument(
+        "--check", metavar="RUN_DIR", help="summarize predicted vs measured latency of a run"
+    )
+    profile.add_argument(
+        "--model",
+        help="sweep this model's layers (.py with build_model(), or .pt2); "
+        "default: a standard sweep of common CNN and transformer layer shapes",
+    )
+    profile.add_argument("--data", help=".npz whose inputs give the model's input shape")
+    profile.add_argument(
+        "--input-shape",
+        type=lambda text: tuple(_positive_int(x) for x in text.split(",")),
+        help="the model's input shape instead of --data, batch first, e.g. 1,3,224,224",
+    )
+    profile.add_argument(
+        "--threads", type=_positive_int, help="intra-op threads to measure with (default 1)"
+    )
+    profile.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a pickled .pt model; unpickling can run arbitrary code",
+    )
+    profile.add_argument("--json", action="store_true", help="with --check: print JSON")
     return parser
 
 
@@ -167,6 +207,7 @@ def config_from_args(args: argparse.Namespace):
 
     config_args = {
         "budgets_ms": args.budget_ms,
+        "budgets_mj": args.budget_mj,
         "num_budgets": args.num_budgets,
         "task": args.task,
         "finetune": None if args.no_finetune else FinetuneConfig(),
@@ -218,6 +259,39 @@ def _pick(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from deploy.profiling import check, profile
+
+    if args.check:
+        summary = check(args.check)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return 0
+        for row in summary["rows"]:
+            print(
+                f"{row['name']}  predicted {row['predicted_ms']:.3f} ms  measured p50 "
+                f"{row['measured_p50_ms']:.3f} ms  error {row['error_pct']:+.1f}%"
+            )
+        if summary["variants"]:
+            print(
+                f"{summary['variants']} variants: {summary['within_10pct']:.0%} within 10% of the "
+                f"measured p50, median absolute error {summary['median_abs_error_pct']:.1f}%"
+            )
+        else:
+            print(f"{args.check}: no validated variant has a predicted latency")
+        return 0
+    result = profile(
+        args.out,
+        args.model,
+        data=args.data,
+        input_shape=args.input_shape,
+        threads=args.threads,
+        allow_pickle=args.allow_pickle,
+    )
+    print(f"{result.path}: {len(result.data['latency_table'])} entries")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -228,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    handlers = {"optimize": _optimize, "pick": _pick}
+    handlers = {"optimize": _optimize, "pick": _pick, "profile": _profile}
     try:
         return handlers[args.command](args)
     except DeployError as exc:

@@ -21,7 +21,7 @@ A variant's predicted latency is
 
 Where an entry is missing and cannot be measured (a profile of another
 device), its net latency is interpolated in multiply-adds between measured
-entries of the same operator, kernel, option kind and precision, and the
+entries of the same operator, kernel, option kind and precision. The
 prediction names the layers it interpolated.
 """
 
@@ -86,7 +86,7 @@ def interpolate_entry(entries: list[dict], spec: LayerSpec, precision: str) -> d
     """Estimate an entry for ``spec`` from measured entries of the same family.
 
     Net latency is interpolated linearly in multiply-adds between the two
-    measured neighbours; outside the measured range it is scaled from the
+    measured neighbours. Outside the measured range it is scaled from the
     nearest one in proportion to multiply-adds. The result has ``net_ms``,
     ``boundary_ms`` (from the nearest entry) and ``interpolated_from``.
 
@@ -192,8 +192,8 @@ def predict_plan(choices, plan_layers: dict, calibration: Calibration | float, c
 
     Args:
         choices: the planner's ``LayerChoices``, in run order, with net
-            latencies already multiplied by ``calibration.scale`` (as the
-            planner sees them).
+            latencies already multiplied by ``calibration.scale``, as the
+            planner uses them.
         plan_layers: layer name -> ``Option`` of the plan.
         calibration: the model's ``Calibration``, or an overhead in ms with
             scale 1.

@@ -8,7 +8,7 @@ one-layer model pays but a layer inside a whole model does not:
 
 - ``call_ms``: an Identity model, the cost of one session call;
 - ``boundary_ms`` (int8 only): QuantizeLinear then DequantizeLinear on the
-  input, less ``call_ms``; an isolated int8 layer pays it, but consecutive
+  input, less ``call_ms``. An isolated int8 layer pays it, but consecutive
   int8 layers pass int8 tensors to each other.
 
 Energy is read around the timed loop when the profile names a readable

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -37,11 +38,13 @@ from deploy.costs import PASSES, CostTable, SearchSpace, layer_options
 from deploy.data import Dataset, dataset_from_arrays, load_data
 from deploy.errors import DeployError
 from deploy.finetune import FinetuneConfig, distill
+from deploy.latency_model import calibrate, predict_plan
 from deploy.models import load_model
 from deploy.passes.lowrank import LowRankConfig, apply_lowrank
 from deploy.passes.prune import PruneConfig, apply_prune, prunable_layers
 from deploy.passes.quantize import QuantizeConfig
 from deploy.planner import LayerChoices, Option, Plan, sweep
+from deploy.power import latency_budgets_from_energy, variant_energy
 from deploy.profiles import (
     DEFAULT_PROFILE,
     DeviceProfile,
@@ -737,6 +740,14 @@ def _run(
 
     with _Stage(6, total, "report"):
         baseline["predicted_latency_ms"] = planned["baseline_predicted_ms"]
+        for entry in [baseline, *variants]:
+            entry.update(
+                variant_energy(
+                    profile.data["power"],
+                    profile.data["latency_table"],
+                    entry["latency_ms"].get("p50"),
+                )
+            )
         mark_frontier([baseline, *variants])
         manifest = {
             "schema_version": 1,
@@ -844,7 +855,8 @@ def _plan(
         )
 
     with _Stage(3, total, f"costs from device profile {profile.name}"):
-        costs = CostTable(profile)
+        # A profile of another device cannot be measured here: its missing entries are interpolated.
+        costs = CostTable(profile, measure=local_profile_matches(profile))
         options, latency, input_from, passthrough = layer_options(
             original, layers, prunable, config.space, costs, progress=_progress("layer")
         )
@@ -859,7 +871,13 @@ def _plan(
         )
         dense = Option("dense", "fp32")
         layer_sum = sum(latency[(x.name, 1.0, dense)] for x in layers)
-        overhead = max(baseline["latency_ms"]["p50"] - layer_sum, 0.0)
+        call_ms = statistics.median(
+            costs.entry_for(x.name, 1.0, dense).get("call_ms", 0.0) for x in layers
+        )
+        fit = calibrate(baseline["latency_ms"]["p50"], layer_sum, call_ms)
+        latency = {key: value * fit.scale for key, value in latency.items()}
+        layer_sum *= fit.scale
+        overhead = fit.overhead_ms
 
     with _Stage(4, total, "sensitivity and plan"):
         sensitivity = measure_sensitivity(
@@ -881,10 +899,19 @@ def _plan(
             )
             for x in layers
         ]
+        budgets_ms = config.budgets_ms
+        if config.budgets_mj:
+            budgets_ms = (budgets_ms or []) + latency_budgets_from_energy(
+                profile.data["power"], profile.data["latency_table"], config.budgets_mj
+            )
         plans = sweep(
-            choices, overhead, baseline["latency_ms"]["p50"], config.num_budgets, config.budgets_ms
+            choices, overhead, baseline["latency_ms"]["p50"], config.num_budgets, budgets_ms
         )
         plans = [p for p in plans if any(o != dense for o in p.layers.values())]
+        for plan in plans:
+            prediction = predict_plan(choices, plan.layers, fit, costs)
+            plan.predicted_latency_ms = prediction.latency_ms
+            plan.prediction = prediction.to_dict()
         if not plans:
             raise DeployError(
                 "no plan other than the fp32 baseline fits the budgets; raise --budget-ms "

@@ -7,9 +7,9 @@ Three sources are read around a timed loop:
   counter that wraps at ``max_energy_range_uj``;
 - ``nvml``: the NVIDIA driver's total energy counter in millijoules, through
   ``pynvml`` (Volta and newer GPUs);
-- ``jetson``: the INA3221 power monitor of Jetson boards, which reports
-  instantaneous voltage and current per rail in hwmon sysfs files; power is
-  sampled on a thread during the loop and integrated over time.
+- ``jetson``: the INA3221 power monitor of Jetson boards. It reports
+  instantaneous voltage and current per rail in hwmon sysfs files, so power
+  is sampled on a thread during the loop and integrated over time.
 
 Where none is readable, the profile's power source is ``declared``: energy is
 the declared active watts times the latency, and every such figure carries
@@ -98,8 +98,8 @@ class RaplReader(EnergyReader):
         end = self.read_uj()
         total_uj = 0
         for before, after, span in zip(self._start, end, self.ranges, strict=True):
-            # The counter runs from 0 to max_energy_range_uj and then starts again at 0;
-            # one wrap at most fits in a timed loop (the range is 2^32 uJ or more).
+            # The counter runs from 0 to max_energy_range_uj and then starts again at 0.
+            # NOTE: at most one wrap per timed loop is assumed.
             total_uj += after - before if after >= before else after + span - before
         self._start = None
         return total_uj / 1e6
@@ -156,8 +156,8 @@ class NvmlReader(EnergyReader):
 class JetsonReader(EnergyReader):
     """Jetson INA3221 rails: voltage x current sampled on a thread and integrated over time.
 
-    The hwmon driver (L4T 34 and newer) writes ``inN_label``, ``inN_input``
-    (mV) and ``currN_input`` (mA) per rail.
+    The Linux hwmon ina3221 driver writes ``inN_label``, ``inN_input`` (mV)
+    and ``currN_input`` (mA) per rail.
 
     Args:
         root: a hwmon folder, or a folder searched for ``hwmon*/inN_label``.
