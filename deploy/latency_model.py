@@ -41,6 +41,7 @@ from deploy.measure import LayerSpec
 logger = logging.getLogger(__name__)
 
 WITHIN = 0.10
+MIN_SCALE, MAX_SCALE = 0.5, 2.0
 
 
 def net_ms(entry: dict) -> float:
@@ -146,20 +147,24 @@ class Calibration:
 def calibrate(baseline_ms: float, layers_ms: float, call_ms: float) -> Calibration:
     """Fit the calibration to a baseline measured at ``baseline_ms`` whose net entries sum to ``layers_ms``.
 
-    A scale far from 1 means the machine was busier (or quieter) while the
-    baseline was measured than while the profile was, and is logged.
+    The scale is clipped to [0.5, 2], with a warning. A scale outside that
+    range came from load on the machine (the baseline was timed while other
+    processes ran, or the profile was), not from the model, and would carry
+    that load into every prediction.
     """
     overhead = min(max(call_ms, 0.0), baseline_ms)
     if layers_ms <= 0:
         return Calibration(max(baseline_ms, 0.0), 1.0)
     scale = max(baseline_ms - overhead, 0.0) / layers_ms
-    if not 0.5 <= scale <= 2.0:
+    if not MIN_SCALE <= scale <= MAX_SCALE:
         logger.warning(
             "the fp32 baseline ran %.2fx as long as its layers' latency table entries add up "
-            "to; the machine may be busy, or the profile stale: re-measure it with "
-            "'deploy profile'",
+            "to, so the machine was busy while one of them was timed; using %.1fx. Rerun on "
+            "an idle machine, or re-measure the profile with 'deploy profile'",
             scale,
+            min(max(scale, MIN_SCALE), MAX_SCALE),
         )
+        scale = min(max(scale, MIN_SCALE), MAX_SCALE)
     return Calibration(overhead, scale)
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -120,6 +121,8 @@ class DeviceProfile:
                     yaml.safe_dump(
                         self.data, handle, sort_keys=False, default_flow_style=None, width=100
                     )
+            # mkstemp creates the file readable by its owner only; a profile is shared data.
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

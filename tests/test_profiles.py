@@ -333,6 +333,11 @@ def test_calibrate_fits_baseline():
     assert calibration.overhead_ms + calibration.scale * 2.0 == pytest.approx(1.05)
 
 
+def test_calibrate_clips_busy_baseline():
+    calibration = calibrate(baseline_ms=10.0, layers_ms=1.0, call_ms=0.0)
+    assert calibration.scale == pytest.approx(2.0)
+
+
 def test_calibrate_without_layers():
     assert calibrate(1.0, 0.0, 0.05) == Calibration(1.0, 1.0)
 
