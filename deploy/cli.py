@@ -114,13 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
         "through the device profile's power (an estimate with declared watts)",
     )
     optimize.add_argument(
-        "--num-budgets", type=int, default=10, help="budgets in the default sweep (default 10)"
+        "--num-budgets",
+        type=_positive_int,
+        default=10,
+        help="budgets in the default sweep (default 10)",
     )
     optimize.add_argument(
         "--passes",
         type=_passes,
         default=None,
         help="comma-separated passes from lowrank,prune,quantize (default: all)",
+    )
+    optimize.add_argument(
+        "--keep-float",
+        type=_names,
+        default=None,
+        metavar="NAME,...",
+        help="comma-separated layers that stay in float: PyTorch module names (classifier.1) "
+        "or ONNX node names of the fp32 export (/classifier/classifier.1/Gemm)",
     )
     optimize.add_argument(
         "--no-finetune", action="store_true", help="skip recovery fine-tuning by distillation"
@@ -130,14 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["classification", "embedding"],
         default="classification",
         help="how agreement is measured (default: classification)",
-    )
-    optimize.add_argument(
-        "--keep-float",
-        type=_names,
-        default=None,
-        metavar="NAME,...",
-        help="comma-separated layers that stay in float: PyTorch module names (classifier.1) "
-        "or ONNX node names of the fp32 export (/classifier/classifier.1/Gemm)",
     )
     optimize.add_argument(
         "--resume", action="store_true", help="finish an interrupted run of the same --out"
@@ -292,6 +295,10 @@ def _profile(args) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"deploy: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = _one_line_warning
     handlers = {"optimize": _optimize, "pick": _pick, "profile": _profile}
     try:
         return handlers[args.command](args)

@@ -100,7 +100,52 @@ def _from_exported_program(path: Path) -> nn.Module:
     return module_from_exported_program(program)
 
 
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load weights without unpickling code: a ``.safetensors`` file or a weights-only ``.pt``.
+
+    Meant for ``build_model()`` functions: build the architecture in Python,
+    then ``model.load_state_dict(load_state_dict("weights.safetensors"))``.
+
+    Raises:
+        DeployError: the file is missing, unreadable, or a ``.pt`` holds more
+            than tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DeployError(f"weights file {path} not found; pass an existing .safetensors or .pt")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        weights = torch.load(str(path), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeployError(
+            f"weights file {path} could not be loaded as weights only ({reason}); save a state "
+            f"dict with safetensors.torch.save_file or torch.save(model.state_dict(), path)"
+        ) from exc
+    if not isinstance(weights, dict):
+        raise DeployError(
+            f"weights file {path} holds a {type(weights).__name__}, not a state dict of tensors"
+        )
+    return weights
+
+
+def _holds_weights_only(path: Path) -> bool:
+    try:
+        return isinstance(torch.load(str(path), weights_only=True, map_location="cpu"), dict)
+    except Exception:  # the weights-only unpickler rejects anything else, by design
+        return False
+
+
 def _from_pickle(path: Path, allow_pickle: bool) -> nn.Module:
+    if not allow_pickle and _holds_weights_only(path):
+        raise DeployError(
+            f"model file {path} holds weights only (a state dict), not a model; pass a .py file "
+            f"whose {DEFAULT_FACTORY}() builds the model and loads them with "
+            f"deploy.models.load_state_dict({str(path)!r})"
+        )
     if not allow_pickle:
         raise DeployError(
             f"model file {path} is a pickle, and loading it could run arbitrary code; save the model "

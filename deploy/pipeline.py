@@ -253,6 +253,26 @@ def _warn_on_batchnorm(model: nn.Module) -> None:
             )
 
 
+def _copy_model(model: nn.Module) -> nn.Module:
+    """Deep-copy the user's model, including one pruned with ``torch.nn.utils.prune``.
+
+    A pruned layer holds its masked weight as a computed (non-leaf) tensor,
+    which deepcopy rejects; a detached copy stands in, and the pruning hook
+    recomputes it from ``weight_orig`` and ``weight_mask`` in the copy.
+    """
+    from torch.nn.utils import prune as torch_prune
+
+    memo = {}
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                for method in getattr(hook, "_pruning_methods", [hook]):
+                    tensor = getattr(module, method._tensor_name, None)
+                    if isinstance(tensor, torch.Tensor) and not tensor.is_leaf:
+                        memo[id(tensor)] = tensor.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def _fold_pruning_masks(model: nn.Module) -> None:
     """Fold ``torch.nn.utils.prune`` masks into plain weights, in place on deploy's copy.
 
@@ -581,7 +601,7 @@ def optimize(
             "training mode",
             stacklevel=2,
         )
-    original = copy.deepcopy(user_model).eval()
+    original = _copy_model(user_model).eval()
     _fold_pruning_masks(original)
     _check_model_runs(original, dataset)
     calibration_set, validation_set = dataset.split(config.calibration_fraction)

@@ -63,11 +63,16 @@ def check_batch_sizes(
             gives outputs that differ from running the samples one by one.
     """
     largest = max(sizes)
+    # The largest batch first: an export that froze its example batch size
+    # fails there, and the message then names that size.
+    batches = {
+        size: _run_at_batch(runner, [a[:size] for a in arrays]) for size in sorted(sizes)[::-1]
+    }
     singles = np.concatenate(
         [_run_at_batch(runner, [a[i : i + 1] for a in arrays]) for i in range(largest)]
     )
     for size in sizes:
-        batch = _run_at_batch(runner, [a[:size] for a in arrays])
+        batch = batches[size]
         if batch.shape[0] != size:
             raise ExportError(
                 f"{runner.path.name} returned batch dimension {batch.shape[0]} for an input batch "

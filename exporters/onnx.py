@@ -312,12 +312,105 @@ def fp16_from_onnx(
             proto = convert_float_to_float16(
                 onnx.load(str(source)), keep_io_types=True, node_block_list=list(keep_float)
             )
+        _drop_cast_round_trips(proto.graph)
+        _sort_nodes(proto.graph)
         onnx.save(proto, str(tmp))
         check_onnx(tmp)
         os.replace(tmp, destination)
     finally:
         tmp.unlink(missing_ok=True)
     return destination
+
+
+def fp16_from_onnx_without_overflow(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    feeds: Sequence[dict[str, np.ndarray]],
+    max_rounds: int = 4,
+) -> list[str]:
+    """Convert to float16, keeping in float32 each module whose fp16 nodes overflow on ``feeds``.
+
+    An overflow need not reach the output: a decomposed LayerNorm squares
+    values near 3e4 to inf, and the following division turns that into
+    zeros. So every intermediate tensor is checked, the first node with a
+    non-finite value found, and all nodes of its module scope (``/1/Pow`` ->
+    every ``/1/...`` node) kept in float32, for up to ``max_rounds`` rounds.
+    Returns the node names kept in float32.
+
+    Raises:
+        ExportError: an overflow remains; the message names the first node.
+    """
+    proto = onnx.load(str(source))
+    keep: list[str] = []
+    for _ in range(max_rounds):
+        fp16_from_onnx(source, destination, keep)
+        first = next(
+            (hit for feed in feeds if (hit := first_nonfinite_node(destination, feed))), None
+        )
+        if first is None:
+            return keep
+        scope = first[0].rsplit("/", 1)[0] + "/"
+        added = [
+            n.name for n in proto.graph.node if n.name.startswith(scope) and n.name not in keep
+        ]
+        if scope == "/" or not added:
+            break
+        keep += added
+    Path(destination).unlink(missing_ok=True)
+    raise ExportError(
+        f"float16 overflows to inf or NaN first in node {first[0]} ({first[1]}), even with "
+        f"{len(keep)} node(s) kept in float32; keep this model in fp32"
+    )
+
+
+def _drop_cast_round_trips(graph: onnx.GraphProto) -> None:
+    # The converter casts the output of every float32 node to float16 and back
+    # before the next float32 node reads it. Between two nodes kept in float32
+    # that round trip overflows exactly where float32 was needed, so the
+    # float32 reader takes the original tensor instead.
+    producers = {out: node for node in graph.node for out in node.output}
+    to_fp32 = onnx.TensorProto.FLOAT
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_target(node) != to_fp32:
+            continue
+        source = producers.get(node.input[0])
+        if source is None or source.op_type != "Cast" or _cast_target(source) == to_fp32:
+            continue
+        original = source.input[0]
+        for reader in graph.node:
+            for index, name in enumerate(reader.input):
+                if name == node.output[0]:
+                    reader.input[index] = original
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unused = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+    while unused:
+        for node in unused:
+            graph.node.remove(node)
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        unused = [
+            n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)
+        ]
+
+
+def _cast_target(node: onnx.NodeProto) -> int:
+    return next(a.i for a in node.attribute if a.name == "to")
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    # The converter appends its input casts at the end of the node list, but
+    # the ONNX checker requires topological order.
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError("the float16 graph has a cycle or an undefined input")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def first_nonfinite_node(
