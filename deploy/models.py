@@ -107,7 +107,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     then ``model.load_state_dict(load_state_dict("weights.safetensors"))``.
 
     Raises:
-        DeployError: the file is missing, unreadable, or a ``.pt`` holds more
+        DeployError: the file is missing, unreadable, or a ``.pt`` contains more
             than tensors and plain containers.
     """
     path = Path(path)
@@ -127,7 +127,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from exc
     if not isinstance(weights, dict):
         raise DeployError(
-            f"weights file {path} holds a {type(weights).__name__}, not a state dict of tensors"
+            f"weights file {path} contains a {type(weights).__name__}, not a state dict of tensors"
         )
     return weights
 
@@ -142,7 +142,7 @@ def _holds_weights_only(path: Path) -> bool:
 def _from_pickle(path: Path, allow_pickle: bool) -> nn.Module:
     if not allow_pickle and _holds_weights_only(path):
         raise DeployError(
-            f"model file {path} holds weights only (a state dict), not a model; pass a .py file "
+            f"model file {path} contains weights only (a state dict), not a model; pass a .py file "
             f"whose {DEFAULT_FACTORY}() builds the model and loads them with "
             f"deploy.models.load_state_dict({str(path)!r})"
         )

@@ -257,7 +257,7 @@ def _copy_model(model: nn.Module) -> nn.Module:
     """Deep-copy the user's model, including one pruned with ``torch.nn.utils.prune``.
 
     A pruned layer holds its masked weight as a computed (non-leaf) tensor,
-    which deepcopy rejects; a detached copy stands in, and the pruning hook
+    which deepcopy rejects. A detached copy replaces it, and the pruning hook
     recomputes it from ``weight_orig`` and ``weight_mask`` in the copy.
     """
     from torch.nn.utils import prune as torch_prune

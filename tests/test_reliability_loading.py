@@ -1,6 +1,6 @@
 """Safe loading and the untouched user model: nothing unpickles code unless allowed, nothing changes.
 
-A pickle whose ``__reduce__`` writes a marker file stands in for a malicious
+A pickle whose ``__reduce__`` writes a marker file serves as a malicious
 model; the marker must not appear unless the user passed ``allow_pickle``.
 """
 
@@ -61,7 +61,7 @@ def test_pickle_allowed_with_flag_warns(tmp_path):
 def test_state_dict_pt_points_to_build_model(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(support.small_model().state_dict(), path)
-    with pytest.raises(DeployError, match="holds weights only.*load_state_dict"):
+    with pytest.raises(DeployError, match="contains weights only.*load_state_dict"):
         load_model(path)
 
 
