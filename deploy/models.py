@@ -87,9 +87,17 @@ def _from_python(path: Path, factory: str) -> nn.Module:
         raise DeployError(f"{path}:{factory}() failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    return record.exc_info is None
+
+
 def _from_exported_program(path: Path) -> nn.Module:
     from deploy.exported import module_from_exported_program
 
+    # For a file that is not a .pt2 archive, torch.export.load logs the reader's full
+    # traceback at WARNING before it raises. The DeployError below reports it in one line.
+    export_logger = logging.getLogger("torch.export")
+    export_logger.addFilter(_without_traceback)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
@@ -97,6 +105,8 @@ def _from_exported_program(path: Path) -> nn.Module:
             f"model file {path} is not a readable ExportedProgram ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); save it with torch.export.save"
         ) from exc
+    finally:
+        export_logger.removeFilter(_without_traceback)
     return module_from_exported_program(program)
 
 

@@ -1,0 +1,165 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from exporters.onnx import (
+    ExportError,
+    OnnxRunner,
+    check_onnx,
+    nodes_of_module,
+    onnx_from_torch,
+    quantize_onnx,
+)
+
+AXES = {"input": {0: "batch"}, "output": {0: "batch"}}
+
+
+def _export(model: nn.Module, example, path):
+    return onnx_from_torch(
+        model, example, path, input_names=["input"], output_names=["output"], dynamic_axes=AXES
+    )
+
+
+def _feeds(heldout, count: int = 64, batch: int = 16) -> list[dict[str, np.ndarray]]:
+    images = heldout["inputs"][:count]
+    return [{"input": images[s : s + batch]} for s in range(0, count, batch)]
+
+
+def _initializer(proto: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
+    return next((t for t in proto.graph.initializer if t.name == name), None)
+
+
+def _producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in proto.graph.node for output in node.output}
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(digits_onnx, heldout, tmp_path_factory):
+    """The digits CNN quantized static int8 (QDQ), with ``classifier.1`` kept in float."""
+    proto = onnx.load(str(digits_onnx))
+    exclude = nodes_of_module(proto, "classifier.1", ["Gemm"])
+    path = tmp_path_factory.mktemp("int8") / "digits.int8.onnx"
+    return quantize_onnx(
+        digits_onnx, path, calibration_feeds=_feeds(heldout), nodes_to_exclude=exclude
+    )
+
+
+def test_export_checker_passes(digits_onnx):
+    check_onnx(digits_onnx)
+
+
+def test_export_batch_axis_symbolic(digits_onnx):
+    proto = onnx.load(str(digits_onnx))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["batch1", "batch3"])
+def test_export_runs_at_batch(digits_onnx, heldout, batch):
+    runner = OnnxRunner(digits_onnx)
+    (output,) = runner.run({"input": heldout["inputs"][:batch]})
+    assert output.shape == (batch, 10)
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["batch1", "batch3"])
+def test_export_matches_torch(digits_onnx, digits_reference, heldout, batch):
+    (output,) = OnnxRunner(digits_onnx).run({"input": heldout["inputs"][:batch]})
+    np.testing.assert_allclose(output, digits_reference[:batch], atol=1e-4)
+
+
+def test_export_failure_leaves_nothing(tmp_path):
+    class Unsupported(nn.Module):
+        def forward(self, x):
+            return torch.cummax(x, -1)[0]
+
+    with pytest.raises(ExportError, match="cummax"):
+        _export(Unsupported(), (torch.randn(2, 4),), tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nodes_of_module_names_scope(digits_onnx):
+    proto = onnx.load(str(digits_onnx))
+    assert nodes_of_module(proto, "features.3", ["Conv"]) == ["/features/features.3/Conv"]
+
+
+def test_nodes_of_module_no_prefix_match(digits_onnx):
+    # "features.1" is a BatchNorm folded into the conv, so it must not match "features.10".
+    proto = onnx.load(str(digits_onnx))
+    assert nodes_of_module(proto, "features.1", ["Conv"]) == []
+
+
+def test_quantize_static_smaller(digits_onnx, int8_onnx):
+    assert int8_onnx.stat().st_size < digits_onnx.stat().st_size
+
+
+def test_quantize_static_has_qdq(int8_onnx):
+    ops = {node.op_type for node in onnx.load(str(int8_onnx)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_quantize_static_agreement(int8_onnx, digits_reference, heldout):
+    (output,) = OnnxRunner(int8_onnx).run({"input": heldout["inputs"]})
+    agreement = float((output.argmax(1) == digits_reference.argmax(1)).mean())
+    assert agreement >= 0.95
+
+
+def test_quantize_static_checker_passes(int8_onnx):
+    check_onnx(int8_onnx)
+
+
+def test_quantize_excluded_node_float_weight(int8_onnx):
+    proto = onnx.load(str(int8_onnx))
+    (node,) = [n for n in proto.graph.node if n.name == "/classifier/classifier.1/Gemm"]
+    weight = _initializer(proto, node.input[1])
+    assert weight is not None and weight.data_type == onnx.TensorProto.FLOAT
+
+
+def test_quantize_included_node_int8_weight(int8_onnx):
+    proto = onnx.load(str(int8_onnx))
+    (node,) = [n for n in proto.graph.node if n.name == "/features/features.3/Conv"]
+    assert _producers(proto)[node.input[1]].op_type == "DequantizeLinear"
+
+
+def test_quantize_dynamic_runs(digits_onnx, heldout, tmp_path):
+    path = quantize_onnx(digits_onnx, tmp_path / "dynamic.onnx", method="dynamic")
+    (output,) = OnnxRunner(path).run({"input": heldout["inputs"][:3]})
+    assert output.shape == (3, 10)
+
+
+def test_quantize_static_needs_feeds(digits_onnx, tmp_path):
+    with pytest.raises(ValueError, match="calibration feeds"):
+        quantize_onnx(digits_onnx, tmp_path / "int8.onnx")
+
+
+def test_quantize_failure_leaves_nothing(digits_onnx, tmp_path):
+    with pytest.raises(ValueError):
+        quantize_onnx(digits_onnx, tmp_path / "int8.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_unknown_method(digits_onnx, tmp_path):
+    with pytest.raises(ValueError, match="fp4"):
+        quantize_onnx(digits_onnx, tmp_path / "int8.onnx", method="fp4")
+
+
+class _BakedBatch(nn.Module):
+    """Reshapes to the example batch of 2, so any other batch breaks the Gemm after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(x.view(2, -1))
+
+
+def test_runner_error_names_node(tmp_path):
+    path = _export(_BakedBatch().eval(), (torch.randn(2, 16),), tmp_path / "baked.onnx")
+    with pytest.raises(ExportError, match="in node '/fc/Gemm'"):
+        OnnxRunner(path).run({"input": np.zeros((1, 16), np.float32)})
+
+
+def test_runner_missing_file(tmp_path):
+    with pytest.raises(ExportError, match="could not load"):
+        OnnxRunner(tmp_path / "missing.onnx")

@@ -1,0 +1,76 @@
+import pytest
+from torch import nn
+
+from deploy.measure import LayerSpec, measure_spec
+from deploy.profiles import validate_profile
+from exporters.timing import TimingProtocol
+
+PROTOCOL = TimingProtocol(warmup=2, runs=10)
+CONV = LayerSpec("conv2d", (1, 16, 8, 8), 32, (3, 3), (1, 1), (1, 1))
+ENTRY_FIELDS = {
+    "op",
+    "input_shape",
+    "weight_shape",
+    "option",
+    "precision",
+    "p50_ms",
+    "p90_ms",
+    "runs",
+}
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def entry(request) -> dict:
+    return measure_spec(CONV, request.param, PROTOCOL)
+
+
+@pytest.fixture
+def check_entry(make_profile):
+    """Validate one entry against the schema, inside a profile's latency table."""
+
+    def check(entry: dict) -> None:
+        profile = make_profile()
+        profile.add_entry(entry)
+        validate_profile(profile.data, "test profile")
+
+    return check
+
+
+def test_entry_matches_schema(entry, check_entry):
+    check_entry(entry)
+
+
+def test_entry_has_fields(entry):
+    assert ENTRY_FIELDS <= set(entry)
+
+
+def test_entry_runs_from_protocol(entry):
+    assert entry["runs"] == PROTOCOL.runs
+
+
+def test_entry_p50_below_p90(entry):
+    assert 0 < entry["p50_ms"] <= entry["p90_ms"]
+
+
+def test_entry_weight_shape(entry):
+    assert entry["weight_shape"] == [32, 16, 3, 3]
+
+
+def test_measure_lowrank_entry(check_entry):
+    spec = LayerSpec("linear", (1, 64), 64, option="lowrank:8")
+    check_entry(measure_spec(spec, "fp32", PROTOCOL))
+
+
+def test_measure_unknown_precision():
+    with pytest.raises(ValueError, match="fp16"):
+        measure_spec(LayerSpec("linear", (1, 8), 8), "fp16", PROTOCOL)
+
+
+def test_spec_builds_lowrank():
+    module = LayerSpec("conv2d", (1, 16, 8, 8), 32, (3, 3), option="lowrank:4").build()
+    assert isinstance(module, nn.Sequential)
+
+
+def test_spec_depthwise_weight_shape():
+    spec = LayerSpec("conv2d", (1, 16, 8, 8), 16, (3, 3), groups=16)
+    assert spec.weight_shape == (16, 1, 3, 3)
