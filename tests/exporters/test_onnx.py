@@ -112,7 +112,8 @@ def test_quantize_excluded_node_float_weight(int8_onnx):
     proto = onnx.load(str(int8_onnx))
     (node,) = [n for n in proto.graph.node if n.name == "/classifier/classifier.1/Gemm"]
     weight = _initializer(proto, node.input[1])
-    assert weight is not None and weight.data_type == onnx.TensorProto.FLOAT
+    assert weight is not None
+    assert weight.data_type == onnx.TensorProto.FLOAT
 
 
 def test_quantize_included_node_int8_weight(int8_onnx):
