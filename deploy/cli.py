@@ -195,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a pickled .pt model; unpickling can run arbitrary code",
     )
     profile.add_argument("--json", action="store_true", help="with --check: print JSON")
+    profile.add_argument(
+        "--retime",
+        type=_positive_int,
+        default=0,
+        metavar="ROUNDS",
+        help="with --check: time the baseline and variants again side by side, ROUNDS times, "
+        "and recalibrate the predictions to the re-timed baseline (default: the run's figures)",
+    )
     return parser
 
 
@@ -266,7 +274,7 @@ def _profile(args) -> int:
     from deploy.profiling import check, profile
 
     if args.check:
-        summary = check(args.check)
+        summary = check(args.check, args.retime)
         if args.json:
             print(json.dumps(summary, indent=2))
             return 0

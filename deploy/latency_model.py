@@ -35,6 +35,8 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from deploy.errors import DeployError
 from deploy.measure import LayerSpec
 
@@ -238,36 +240,107 @@ def _error_pct(entry: dict) -> float | None:
     return (predicted - measured) / measured * 100.0
 
 
-def check_run(run_dir: str | Path) -> dict:
+def _feeds_for(runner) -> dict:
+    # Timing does not depend on the values, only on shapes and dtypes: batch 1,
+    # and 16 positions for any other dynamic axis.
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in runner.session.get_inputs():
+        shape = [
+            d if isinstance(d, int) else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)
+        ]
+        if "int" in spec.type:
+            feeds[spec.name] = np.zeros(shape, dtype=np.int64)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def retime_run(run_dir: Path, manifest: dict, names: list[str], rounds: int) -> dict[str, float]:
+    """Time the baseline and ``names`` round-robin, ``rounds`` times; return each median p50 in ms.
+
+    Timing them side by side exposes them to the same load, which a run's
+    own figures (the baseline first, each variant minutes later) do not.
+    """
+    from exporters.onnx import OnnxRunner
+    from exporters.timing import TimingProtocol
+
+    protocol = manifest.get("protocol", {})
+    timing = TimingProtocol(
+        warmup=protocol.get("warmup", 10),
+        runs=protocol.get("runs", 100),
+        threads=protocol.get("threads", 1),
+    )
+    artifacts = {"baseline": manifest["baseline"]["artifact"]}
+    artifacts.update({v["name"]: v["artifact"] for v in manifest["variants"] if v["name"] in names})
+    runners = {name: OnnxRunner(run_dir / path, timing.threads) for name, path in artifacts.items()}
+    feeds = {name: _feeds_for(runner) for name, runner in runners.items()}
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            samples[name].append(runner.time(feeds[name], timing).p50)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _rescaled(entry: dict, baseline: dict, baseline_ms: float) -> float:
+    """Return the entry's prediction recalibrated to a baseline re-timed at ``baseline_ms``."""
+    prediction = (entry.get("plan") or {}).get("prediction") or {}
+    if "scale" not in prediction or not baseline.get("predicted_latency_ms"):
+        return entry["predicted_latency_ms"]
+    overhead, scale = prediction["overhead_ms"], prediction["scale"]
+    # The baseline's net entries, unscaled, follow from its own prediction.
+    layers_ms = (baseline["predicted_latency_ms"] - overhead) / scale
+    new_scale = calibrate(baseline_ms, layers_ms, overhead).scale
+    return overhead + (entry["predicted_latency_ms"] - overhead) * new_scale / scale
+
+
+def check_run(run_dir: str | Path, retime_rounds: int = 0) -> dict:
     """Compare predicted and measured latency over the variants of a finished run.
 
     Returns ``variants`` (variants with both figures), ``within_10pct`` (the
     fraction predicted within 10% of the measured p50),
     ``median_abs_error_pct``, and per variant ``name``, ``predicted_ms``,
-    ``measured_p50_ms`` and ``error_pct``. The baseline is left out: its
-    overhead is fitted to it.
+    ``measured_p50_ms`` and ``error_pct``. The baseline is left out because
+    the calibration is fitted to it.
+
+    With ``retime_rounds`` > 0 the baseline and the variants are timed again
+    here, side by side, and each prediction is recalibrated to the re-timed
+    baseline. Defaults to 0, the run's own figures.
 
     Raises:
         DeployError: ``run_dir`` has no readable ``manifest.json``.
     """
-    path = Path(run_dir) / "manifest.json"
+    run_dir = Path(run_dir)
+    path = run_dir / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DeployError(
             f"{path} is missing or not JSON ({exc}); pass a folder written by 'deploy optimize'"
         ) from exc
+    if retime_rounds < 0:
+        raise DeployError(f"retime rounds {retime_rounds} must be 0 or more")
+    entries = [e for e in manifest.get("variants", []) if _error_pct(e) is not None]
+    baseline_ms = (manifest.get("baseline") or {}).get("latency_ms", {}).get("p50")
+    if retime_rounds and entries:
+        timed = retime_run(run_dir, manifest, [e["name"] for e in entries], retime_rounds)
+        baseline_ms = timed["baseline"]
+        entries = [
+            {
+                **e,
+                "predicted_latency_ms": _rescaled(e, manifest["baseline"], baseline_ms),
+                "latency_ms": {"p50": timed[e["name"]]},
+            }
+            for e in entries
+        ]
     rows = []
-    for entry in manifest.get("variants", []):
-        error = _error_pct(entry)
-        if error is None:
-            continue
+    for entry in entries:
         rows.append(
             {
                 "name": entry["name"],
                 "predicted_ms": entry["predicted_latency_ms"],
                 "measured_p50_ms": entry["latency_ms"]["p50"],
-                "error_pct": error,
+                "error_pct": _error_pct(entry),
                 "interpolated": ((entry.get("plan") or {}).get("prediction") or {}).get(
                     "interpolated", []
                 ),
@@ -276,6 +349,8 @@ def check_run(run_dir: str | Path) -> dict:
     errors = [abs(r["error_pct"]) for r in rows]
     return {
         "run": str(run_dir),
+        "retime_rounds": retime_rounds,
+        "baseline_p50_ms": baseline_ms,
         "variants": len(rows),
         "within_10pct": (sum(e <= WITHIN * 100 for e in errors) / len(errors)) if errors else None,
         "median_abs_error_pct": statistics.median(errors) if errors else None,

@@ -220,6 +220,10 @@ def _sweep(device_profile, costs, model, data, input_shape, space, allow_pickle)
         layer_options(module, layers, prunable, space, costs, progress=progress)
 
 
-def check(run_dir: str | os.PathLike) -> dict:
-    """Summarize predicted against measured latency over a run's variants (``check_run``)."""
-    return check_run(run_dir)
+def check(run_dir: str | os.PathLike, retime_rounds: int = 0) -> dict:
+    """Summarize predicted against measured latency over a run's variants (``check_run``).
+
+    ``retime_rounds`` > 0 times the run's artifacts again side by side first.
+    Defaults to 0.
+    """
+    return check_run(run_dir, retime_rounds)

@@ -430,3 +430,42 @@ def test_profile_needs_input_shape(tmp_path, quick_profile):
     model.write_text(TINY_MODEL)
     with pytest.raises(DeployError, match="--input-shape"):
         profile(quick_profile, str(model))
+
+
+def _relu_model(path):
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["output"])], "g", [x], [y])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_check_retime_replaces_measurements(tmp_path):
+    _relu_model(tmp_path / "baseline.onnx")
+    _relu_model(tmp_path / "v1.onnx")
+    prediction = {"overhead_ms": 0.01, "scale": 1.0, "interpolated": []}
+    manifest = {
+        "protocol": {"warmup": 2, "runs": 10, "threads": 1},
+        "baseline": {
+            "artifact": "baseline.onnx",
+            "latency_ms": {"p50": 1.0},
+            "predicted_latency_ms": 1.0,
+        },
+        "variants": [
+            {
+                "name": "v1",
+                "artifact": "v1.onnx",
+                "status": "ok",
+                "latency_ms": {"p50": 1000.0},
+                "predicted_latency_ms": 0.5,
+                "plan": {"prediction": prediction},
+            }
+        ],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    summary = check_run(tmp_path, retime_rounds=2)
+    assert summary["variants"] == 1
+    assert summary["retime_rounds"] == 2
+    assert summary["rows"][0]["measured_p50_ms"] < 1000.0
+    assert summary["baseline_p50_ms"] < 1.0
