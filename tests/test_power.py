@@ -18,8 +18,10 @@ from deploy.power import (
     RaplReader,
     energy_fields,
     integrate_joules,
+    latency_budgets_from_energy,
     measure_energy,
     reader_for,
+    variant_energy,
 )
 
 
@@ -202,3 +204,36 @@ def test_jetson_sampler_thread_stops(ina3221):
     reader.start()
     reader.stop()
     assert threading.active_count() == before
+
+
+def test_energy_budget_from_declared_watts():
+    power = {"source": "declared", "active_watts": 10.0, "idle_watts": 2.0}
+    assert latency_budgets_from_energy(power, [], [5.0, 20.0]) == pytest.approx([0.5, 2.0])
+
+
+def test_energy_budget_from_measured_entries():
+    power = {"source": "rapl", "active_watts": None, "idle_watts": None}
+    table = [
+        {"p50_ms": 1.0, "energy_mj": 4.0, "energy_source": "rapl"},
+        {"p50_ms": 2.0, "energy_mj": 12.0, "energy_source": "rapl"},
+        {"p50_ms": 1.0, "energy_mj": 5.0, "energy_source": "rapl"},
+    ]
+    # Median power over the entries is 5 W, so 10 mJ allows 2 ms.
+    assert latency_budgets_from_energy(power, table, [10.0]) == pytest.approx([2.0])
+
+
+def test_energy_budget_rejects_bad_values():
+    power = {"source": "declared", "active_watts": 10.0, "idle_watts": 2.0}
+    with pytest.raises(DeployError, match="-1.0 mJ"):
+        latency_budgets_from_energy(power, [], [-1.0])
+    with pytest.raises(DeployError, match="active_watts"):
+        latency_budgets_from_energy({"source": "declared", "active_watts": None}, [], [1.0])
+
+
+def test_variant_energy_is_estimate():
+    power = {"source": "declared", "active_watts": 10.0, "idle_watts": 2.0}
+    energy = variant_energy(power, [], 0.25)
+    assert energy["energy_mj"] == pytest.approx(2.5)
+    assert energy["energy_source"] == ESTIMATE
+    assert energy["energy_watts_source"] == "declared"
+    assert variant_energy(power, [], None) == {}
