@@ -12,6 +12,8 @@ Accepted forms:
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 import logging
 import os
 import sys
@@ -46,7 +48,7 @@ def load_model(spec: str | os.PathLike, allow_pickle: bool = False) -> nn.Module
     if suffix == ".py":
         model = _from_python(path, factory)
     elif suffix == ".pt2":
-        model = _from_exported_program(path)
+        model = _from_exported_program(path, allow_pickle)
     elif suffix in (".pt", ".pth"):
         model = _from_pickle(path, allow_pickle)
     else:
@@ -91,9 +93,57 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     return record.exc_info is None
 
 
-def _from_exported_program(path: Path) -> nn.Module:
+def _pickled_members(path: Path) -> list[str]:
+    """Name the members of a .pt2 archive that torch.export.load would fully unpickle.
+
+    In torch 2.13, ``torch.export.load`` reads a ``.pt`` member with
+    ``weights_only=True`` but retries with ``weights_only=False`` when that
+    fails, and it unpickles weights and constants marked ``use_pickle`` and
+    custom or opaque objects outright. Each of those can run code.
+    """
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return []  # not an archive: torch.export.load rejects it without unpickling
+    found = []
+    with archive:
+        for name in archive.namelist():
+            if name.endswith("_config.json"):
+                try:
+                    config = json.loads(archive.read(name)).get("config", {})
+                except (ValueError, AttributeError):
+                    found.append(name)
+                    continue
+                for key, meta in config.items():
+                    custom = str(meta.get("path_name", "")).startswith(("custom_obj", "opaque_obj"))
+                    if meta.get("use_pickle") or custom:
+                        found.append(f"{name}:{key}")
+            elif name.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception:  # the weights-only unpickler rejects code by design
+                    found.append(name)
+    return found
+
+
+def _from_exported_program(path: Path, allow_pickle: bool = False) -> nn.Module:
     from deploy.exported import module_from_exported_program
 
+    pickled = _pickled_members(path)
+    if pickled and not allow_pickle:
+        raise DeployError(
+            f"model file {path} contains pickled objects ({', '.join(pickled[:3])}) that "
+            f"torch.export.load would unpickle, which can run arbitrary code; re-save the "
+            f"model with torch.export.save from plain tensors, or pass --allow-pickle if you "
+            f"trust it"
+        )
+    if pickled:
+        warnings.warn(
+            f"unpickling {', '.join(pickled[:3])} of {path}: only do this for files you trust",
+            stacklevel=3,
+        )
     # For a file that is not a .pt2 archive, torch.export.load logs the reader's full
     # traceback at WARNING before it raises. The DeployError below reports it in one line.
     export_logger = logging.getLogger("torch.export")

@@ -48,6 +48,60 @@ def test_pickle_refused_without_flag(tmp_path):
     assert not marker.exists()
 
 
+def _pt2_with_member(tmp_path, member_suffix, content):
+    """Save the small CNN as .pt2, then replace the archive member ending in ``member_suffix``."""
+    import zipfile
+
+    path = tmp_path / "model.pt2"
+    program = torch.export.export(support.small_model(), (torch.randn(2, 1, 8, 8),))
+    torch.export.save(program, str(path))
+    crafted = tmp_path / "crafted.pt2"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(crafted, "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith(member_suffix):
+                data = content
+            target.writestr(info, data)
+    return crafted
+
+
+def test_pt2_pickled_member_refused(tmp_path):
+    """torch.export.load retries a failed weights-only load with full unpickling."""
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    path = _pt2_with_member(tmp_path, "sample_inputs/model.pt", payload)
+    with pytest.raises(DeployError, match="sample_inputs/model.pt.*--allow-pickle"):
+        load_model(path)
+    assert not marker.exists()
+    # The fault is real: with the flag, loading runs the payload (after a warning).
+    with pytest.warns(UserWarning, match="only do this for files you trust"):
+        try:
+            load_model(path, allow_pickle=True)
+        except DeployError:
+            pass  # the sample inputs are gone, so deserialization may fail afterwards
+    assert marker.exists()
+
+
+def test_pt2_use_pickle_weight_refused(tmp_path):
+    import json as json_module
+
+    config = {"config": {"0.weight": {"path_name": "weight_0", "use_pickle": True}}}
+    path = _pt2_with_member(
+        tmp_path, "weights/model_weights_config.json", json_module.dumps(config).encode()
+    )
+    with pytest.raises(DeployError, match="model_weights_config.json:0.weight"):
+        load_model(path)
+
+
+def test_plain_pt2_loads(tmp_path):
+    path = tmp_path / "model.pt2"
+    program = torch.export.export(support.small_model(), (torch.randn(2, 1, 8, 8),))
+    torch.export.save(program, str(path))
+    model = load_model(path)
+    inputs = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(model(inputs), support.small_model()(inputs), atol=1e-5)
+
+
 def test_pickle_allowed_with_flag_warns(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(support.small_model(), path)
