@@ -53,6 +53,11 @@ def run_batched(runner: OnnxRunner, arrays: list[np.ndarray], batch_size: int = 
     return np.concatenate(outputs)
 
 
+# Batch-versus-single tolerance for dynamic int8, relative to the output's max abs
+# value: still far below what an export that froze its batch size gives.
+DYNAMIC_INT8_ATOL = 0.25
+
+
 def check_batch_sizes(
     runner: OnnxRunner, arrays: list[np.ndarray], sizes=(1, 3), atol: float = 1e-3
 ) -> None:
@@ -63,6 +68,11 @@ def check_batch_sizes(
             gives outputs that differ from running the samples one by one.
     """
     largest = max(sizes)
+    if _has_dynamic_quantization(runner):
+        # Dynamic int8 takes each activation's scale from the whole batch, so a
+        # batch legitimately differs from its samples run alone: on
+        # all-MiniLM-L6-v2 by 0.02 on outputs of magnitude 0.22 (cosine 0.994).
+        atol = max(atol, DYNAMIC_INT8_ATOL)
     # The largest batch first: an export that froze its example batch size
     # fails there, and the message then names that size.
     batches = {
@@ -84,6 +94,13 @@ def check_batch_sizes(
                 f"{runner.path.name} gives different outputs at batch {size} than one sample at a "
                 f"time; the exported graph bakes in the example batch size"
             )
+
+
+def _has_dynamic_quantization(runner: OnnxRunner) -> bool:
+    import onnx
+
+    graph = onnx.load(str(runner.path), load_external_data=False).graph
+    return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
 
 def _run_at_batch(runner: OnnxRunner, arrays: list[np.ndarray]) -> np.ndarray:
