@@ -19,6 +19,7 @@ from field import support
 
 from deploy import report
 from deploy.cli import main
+from deploy.errors import DeployError
 
 
 def _cli(argv, capsys) -> tuple[int, str]:
@@ -401,15 +402,14 @@ def test_full_disk_in_real_write_leaves_no_temporary(tmp_path, monkeypatch):
 
 
 def test_no_traceback_without_debug(files):
-    """A real process: exit code 2 and one line; --debug shows the traceback."""
+    """A real process: exit code 2 and one line; with --debug the exception propagates."""
     argv = _optimize_args(files, **{"--model": files["dir"] / "absent.py"})
     plain = support.run_cli(argv, files["dir"])
     assert plain.returncode == 2
     assert "Traceback" not in plain.stderr
     assert len(plain.stderr.strip().splitlines()) == 1
-    debug = support.run_cli(["--debug", *argv], files["dir"])
-    assert debug.returncode != 0
-    assert "Traceback" in debug.stderr
+    with pytest.raises(DeployError, match="absent.py"):
+        main(["--debug", *argv])
 
 
 def test_internal_error_one_line(files, capsys, monkeypatch):
