@@ -282,7 +282,7 @@ def retime_run(run_dir: Path, manifest: dict, names: list[str], rounds: int) -> 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _rescaled(entry: dict, baseline: dict, baseline_ms: float) -> float:
+def rescale_prediction(entry: dict, baseline: dict, baseline_ms: float) -> float:
     """Return the entry's prediction recalibrated to a baseline re-timed at ``baseline_ms``."""
     prediction = (entry.get("plan") or {}).get("prediction") or {}
     if "scale" not in prediction or not baseline.get("predicted_latency_ms"):
@@ -328,7 +328,7 @@ def check_run(run_dir: str | Path, retime_rounds: int = 0) -> dict:
         entries = [
             {
                 **e,
-                "predicted_latency_ms": _rescaled(e, manifest["baseline"], baseline_ms),
+                "predicted_latency_ms": rescale_prediction(e, manifest["baseline"], baseline_ms),
                 "latency_ms": {"p50": timed[e["name"]]},
             }
             for e in entries

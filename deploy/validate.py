@@ -229,3 +229,41 @@ def validate_artifact(
         if first is not None:
             reason += f"; the first node with a non-finite output is {first[0]} ({first[1]})"
     return Validation(accuracy, agreement, max_abs_error, latency, size, status, reason, sparsity)
+
+
+def time_side_by_side(
+    artifacts: dict[str, str | os.PathLike],
+    data: Dataset,
+    protocol: TimingProtocol,
+    rounds: int = 5,
+) -> dict[str, dict]:
+    """Time several artifacts in alternating rounds on the same batch-1 input.
+
+    Each round times every artifact once with ``protocol.runs // rounds`` runs
+    after its own warm-up, starting one artifact later than the round before,
+    so that all of them see the same machine load. Returns, per name, ``p50``
+    and ``p90`` (medians over the rounds), ``runs`` (timed runs in all) and
+    ``rounds``.
+    """
+    per_round = dataclasses.replace(protocol, runs=max(protocol.runs // rounds, 10))
+    sample = [a[:1] for a in data.inputs]
+    runners = {name: OnnxRunner(path, protocol.threads) for name, path in artifacts.items()}
+    names = list(runners)
+    p50s: dict[str, list[float]] = {name: [] for name in names}
+    p90s: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            runner = runners[name]
+            latency = runner.time(_feeds(runner, sample), per_round)
+            p50s[name].append(latency.p50)
+            p90s[name].append(latency.p90)
+    return {
+        name: {
+            "p50": float(np.median(p50s[name])),
+            "p90": float(np.median(p90s[name])),
+            "runs": per_round.runs * rounds,
+            "rounds": rounds,
+        }
+        for name in names
+    }
