@@ -1,6 +1,6 @@
-"""Benchmark EfficientNet-Lite0: deploy's frontier against ONNX Runtime's own int8 quantization.
+"""Benchmark EfficientNet-Lite0: deploy's variants against ONNX Runtime's own int8 quantization.
 
-Run from the repository root (about 25-35 minutes on 2 cores, most of it the
+Run from the repository root (about 50 minutes on a shared 2-core VM, most of it the
 ``deploy optimize`` run)::
 
     .venv/bin/python benchmarks/efficientnet_lite0.py
@@ -9,7 +9,7 @@ or, to reuse a finished run of ``examples/efficientnet_lite0.py``::
 
     .venv/bin/python benchmarks/efficientnet_lite0.py --run runs/efficientnet-lite0
 
-Every variant sees the same held-out photos (the part of the data that
+Every variant runs on the same held-out photos (the part of the data that
 ``deploy optimize`` validates on) and is timed at batch 1, 224 x 224, in
 alternating rounds with a fixed thread count. ONNX Runtime's static
 quantization calibrates on the same photos deploy calibrates on. Fidelity is
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         example.run(args.run, model=model, data=arrays)
     manifest = json.loads((args.run / "manifest.json").read_text())
 
-    # The same split deploy made: calibrate on the first part, measure on the rest.
+    # The split deploy made (the same seeded shuffle): calibrate on one part, measure on the rest.
     config = manifest["config"]
     calibration, heldout = dataset_from_arrays(arrays, "photos").split(
         config["calibration_fraction"]

