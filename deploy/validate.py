@@ -7,6 +7,7 @@ to JSON for the manifest.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -239,13 +240,13 @@ def time_side_by_side(
 ) -> dict[str, dict]:
     """Time several artifacts in alternating rounds on the same batch-1 input.
 
-    Each round times every artifact once with ``protocol.runs // rounds`` runs
-    after its own warm-up, starting one artifact later than the round before,
+    Each round times every artifact once with ``ceil(protocol.runs / rounds)``
+    runs after its own warm-up, starting one artifact later than the round before,
     so that all of them see the same machine load. Returns, per name, ``p50``
     and ``p90`` (medians over the rounds), ``runs`` (timed runs in all) and
     ``rounds``.
     """
-    per_round = dataclasses.replace(protocol, runs=max(protocol.runs // rounds, 10))
+    per_round = dataclasses.replace(protocol, runs=max(math.ceil(protocol.runs / rounds), 1))
     sample = [a[:1] for a in data.inputs]
     runners = {name: OnnxRunner(path, protocol.threads) for name, path in artifacts.items()}
     names = list(runners)
