@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from deploy.errors import DeployError
+from deploy.report import format_quality
 
 logger = logging.getLogger("deploy")
 
@@ -248,7 +249,8 @@ def _optimize(args) -> int:
     for v in sorted(front, key=lambda v: v["latency_ms"]["p50"]):
         print(
             f"{v['name']}  p50 {v['latency_ms']['p50']:.3f} ms ({base / v['latency_ms']['p50']:.2f}x)  "
-            f"accuracy {v['accuracy']}  agreement {v['agreement']:.4f}  {v['summary']}"
+            f"accuracy {format_quality(v['accuracy'])}  agreement {v['agreement']:.4f}  "
+            f"{v['summary']}"
         )
     return 0
 
@@ -263,7 +265,8 @@ def _pick(args) -> int:
         print(json.dumps(chosen, indent=2))
     else:
         print(
-            f"{chosen['name']}: p50 {chosen['latency_ms']['p50']:.3f} ms, accuracy {chosen['accuracy']}, "
+            f"{chosen['name']}: p50 {chosen['latency_ms']['p50']:.3f} ms, "
+            f"accuracy {format_quality(chosen['accuracy'])}, "
             f"agreement {chosen['agreement']:.4f}, {chosen.get('summary', '')}"
         )
         print(f"artifact: {args.run_dir.rstrip('/')}/{chosen['artifact']}")
@@ -303,6 +306,14 @@ def _profile(args) -> int:
     return 0
 
 
+class _LevelPrefixFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"deploy: {record.levelname.lower()}: {text.strip()}"
+        return text
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"deploy: warning: {message}", file=file or sys.stderr)
 
@@ -310,8 +321,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
     )
+    # Progress lines stay bare; warnings and errors from loggers say what they are.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_LevelPrefixFormatter("%(message)s"))
     if not args.debug:
         for noisy in ("torch_pruning", "onnxslim", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -146,10 +146,12 @@ class Calibration:
     scale: float
 
 
-def calibrate(baseline_ms: float, layers_ms: float, call_ms: float) -> Calibration:
+def calibrate(
+    baseline_ms: float, layers_ms: float, call_ms: float, warn: bool = True
+) -> Calibration:
     """Fit the calibration to a baseline measured at ``baseline_ms`` whose net entries sum to ``layers_ms``.
 
-    The scale is clipped to [0.5, 2], with a warning. A scale outside that
+    The scale is clipped to [0.5, 2], with a warning unless ``warn`` is False. A scale outside that
     range came from load on the machine (the baseline was timed while other
     processes ran, or the profile was), not from the model, and would carry
     that load into every prediction.
@@ -158,13 +160,16 @@ def calibrate(baseline_ms: float, layers_ms: float, call_ms: float) -> Calibrati
     if layers_ms <= 0:
         return Calibration(max(baseline_ms, 0.0), 1.0)
     scale = max(baseline_ms - overhead, 0.0) / layers_ms
-    if not MIN_SCALE <= scale <= MAX_SCALE:
+    if not MIN_SCALE <= scale <= MAX_SCALE and warn:
         logger.warning(
-            "the fp32 baseline ran %.2fx as long as its layers' latency table entries add up "
-            "to, so the machine was busy while one of them was timed; using %.1fx. Rerun on "
-            "an idle machine, or re-measure the profile with 'deploy profile'",
-            scale,
+            "the fp32 baseline took %.3f ms but its layers' latency table entries add up to "
+            "%.3f ms; the machine was probably busy while one of them was timed, so predictions "
+            "use a scale of %.1f instead of %.2f: rerun on an idle machine, or re-measure the "
+            "profile with 'deploy profile'",
+            baseline_ms,
+            layers_ms + overhead,
             min(max(scale, MIN_SCALE), MAX_SCALE),
+            scale,
         )
         scale = min(max(scale, MIN_SCALE), MAX_SCALE)
     return Calibration(overhead, scale)
@@ -290,7 +295,7 @@ def rescale_prediction(entry: dict, baseline: dict, baseline_ms: float) -> float
     overhead, scale = prediction["overhead_ms"], prediction["scale"]
     # The baseline's net entries, unscaled, follow from its own prediction.
     layers_ms = (baseline["predicted_latency_ms"] - overhead) / scale
-    new_scale = calibrate(baseline_ms, layers_ms, overhead).scale
+    new_scale = calibrate(baseline_ms, layers_ms, overhead, warn=False).scale
     return overhead + (entry["predicted_latency_ms"] - overhead) * new_scale / scale
 
 

@@ -77,7 +77,7 @@ def pick(
         latency_miss = (
             0.0
             if max_latency_ms is None
-            else max(entry["latency_ms"]["p50"] / max_latency_ms - 1, 0)
+            else max(entry["latency_ms"]["p50"] - max_latency_ms, 0) / max(max_latency_ms, 1e-9)
         )
         drop_miss = (
             0.0 if max_accuracy_drop is None else max(drop(entry) - max_accuracy_drop, 0) / 100

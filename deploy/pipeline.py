@@ -25,6 +25,7 @@ import shutil
 import statistics
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ from deploy.profiles import (
     new_local_profile,
     timing_protocol,
 )
-from deploy.report import MANIFEST, mark_frontier, write_atomic, write_report
+from deploy.report import MANIFEST, format_quality, mark_frontier, write_atomic, write_report
 from deploy.sensitivity import measure_sensitivity
 from deploy.torch_utils import first_output, predict, to_tensors
 from deploy.validate import (
@@ -233,8 +234,10 @@ def _resolve_data(data) -> tuple[Dataset, str]:
         ), "sklearn load_digits (held-out)"
     if isinstance(data, Dataset):
         return data, "in-memory dataset"
-    if isinstance(data, dict):
-        return dataset_from_arrays(data, "in-memory arrays"), "in-memory arrays"
+    if isinstance(data, Mapping) or hasattr(data, "files"):
+        # A dict of arrays, or the NpzFile that np.load returns.
+        arrays = {key: np.asarray(data[key]) for key in data.keys()}
+        return dataset_from_arrays(arrays, "in-memory arrays"), "in-memory arrays"
     return load_data(data), str(data)
 
 
@@ -702,7 +705,7 @@ def _run(
         logger.info(
             "    baseline p50 %.3f ms, accuracy %s",
             baseline["latency_ms"]["p50"],
-            baseline["accuracy"],
+            format_quality(baseline["accuracy"]),
         )
 
     keep_float = resolve_keep_float(config.quantize.keep_float, original, partial / "baseline.onnx")
@@ -758,7 +761,7 @@ def _run(
                 entry["summary"],
                 entry["latency_ms"].get("p50", float("nan")),
                 entry["predicted_latency_ms"],
-                entry["accuracy"],
+                format_quality(entry["accuracy"]),
                 entry["status"],
             )
             variants.append(entry)

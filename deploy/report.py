@@ -45,6 +45,11 @@ def write_atomic(path: Path, text: str | bytes) -> None:
             os.unlink(tmp)
 
 
+def format_quality(value: float | None) -> str:
+    """Format an accuracy or agreement in [0, 1] with four decimals, or "-" when missing."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _fmt(value, digits=4) -> str:
     if value is None:
         return "-"
@@ -64,8 +69,10 @@ def report_markdown(manifest: dict) -> str:
         "",
         f"Device profile: `{manifest['device_profile']['name']}` "
         f"({manifest['device_profile']['runtime']}, {manifest['device_profile']['threads']} thread(s)). "
-        f"Latency: batch 1, {manifest['protocol']['warmup']} warm-up runs, median (p50) and p90 over "
-        f"{manifest['protocol']['runs']} timed runs. Validation on {manifest['data']['validation_samples']} "
+        f"Latency: batch 1, the baseline and every valid variant timed side by side in 5 "
+        f"alternating rounds ({manifest['protocol']['warmup']} warm-up runs each), {manifest['protocol']['runs']} "
+        f"timed runs in all; p50 and p90 are medians over the rounds. "
+        f"Validation on {manifest['data']['validation_samples']} "
         f"held-out samples. `*` marks the frontier.",
         "",
         "| | variant | plan | accuracy | agreement | max abs error | p50 ms | p90 ms | speedup | predicted ms | size KB | status |",
