@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    # Progress lines stay bare; warnings and errors from loggers say what they are.
+    # Progress lines stay bare, and warnings and errors from loggers carry their level.
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_LevelPrefixFormatter("%(message)s"))
     if not args.debug:

@@ -26,7 +26,7 @@ PASSES = ("lowrank", "prune", "quantize")
 
 @dataclasses.dataclass
 class SearchSpace:
-    """Which options the planner may choose.
+    """The options the planner may choose from.
 
     Attributes:
         passes: the passes to use, a subset of ``lowrank``, ``prune``,

@@ -1,6 +1,6 @@
 """Measurement data: loading ``.npz`` files and splitting them.
 
-A data file holds the model inputs under ``inputs`` (or ``x``) and, where
+A data file contains the model inputs under ``inputs`` (or ``x``) and, where
 available, integer class labels under ``labels`` (or ``y``). A model with
 several inputs (a transformer: token ids and attention mask) stores them as
 ``inputs_0``, ``inputs_1``, ... in the order of the model's forward arguments.

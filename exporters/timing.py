@@ -12,7 +12,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class TimingProtocol:
-    """How a latency is measured.
+    """The measurement protocol behind every latency.
 
     Attributes:
         warmup: untimed runs before timing starts; they absorb allocation and

@@ -64,8 +64,8 @@ def _factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 def factorize(module: nn.Module, rank: int) -> nn.Sequential:
     """Return a two-layer Sequential computing a rank-``rank`` approximation of ``module``.
 
-    Any rank up to the weight matrix's smaller side is accepted; whether it
-    saves time is for ``max_useful_rank`` and the latency table to say.
+    Any rank up to the weight matrix's smaller side is accepted. Whether it
+    saves time is decided by ``max_useful_rank`` and the latency table.
     """
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         raise ValueError(f"lowrank cannot factorize the grouped conv {module}")

@@ -1,7 +1,7 @@
 """Int8 quantization: the recipe, and its simulation in PyTorch.
 
 The int8 rewrite itself is ONNX Runtime's quantization tool, applied to the
-exported ONNX file (``exporters.onnx.quantize_onnx``). This module holds the
+exported ONNX file (``exporters.onnx.quantize_onnx``). This module contains the
 recipe that travels with each variant and a fake-quantization of one layer,
 which the sensitivity analysis uses to estimate what int8 costs that layer
 without leaving PyTorch.
@@ -24,7 +24,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 @dataclasses.dataclass
 class QuantizeConfig:
-    """How a variant is quantized.
+    """The int8 recipe of one variant.
 
     Attributes:
         method: ``static`` (QDQ, uint8 activations calibrated ahead of time,
