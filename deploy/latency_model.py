@@ -288,15 +288,22 @@ def retime_run(run_dir: Path, manifest: dict, names: list[str], rounds: int) -> 
 
 
 def rescale_prediction(entry: dict, baseline: dict, baseline_ms: float) -> float:
-    """Return the entry's prediction recalibrated to a baseline re-timed at ``baseline_ms``."""
+    """Return the entry's prediction recalibrated to a baseline re-timed at ``baseline_ms``.
+
+    It starts from the planner's prediction (``plan.prediction.latency_ms``),
+    not from ``predicted_latency_ms``, which an earlier recalibration may have
+    changed already: the run's side-by-side timing rescales it once, and
+    ``deploy profile --check --retime`` must not scale that result again.
+    """
     prediction = (entry.get("plan") or {}).get("prediction") or {}
     if "scale" not in prediction or not baseline.get("predicted_latency_ms"):
         return entry["predicted_latency_ms"]
     overhead, scale = prediction["overhead_ms"], prediction["scale"]
+    planned = prediction.get("latency_ms", entry["predicted_latency_ms"])
     # The baseline's net entries, unscaled, follow from its own prediction.
     layers_ms = (baseline["predicted_latency_ms"] - overhead) / scale
     new_scale = calibrate(baseline_ms, layers_ms, overhead, warn=False).scale
-    return overhead + (entry["predicted_latency_ms"] - overhead) * new_scale / scale
+    return overhead + (planned - overhead) * new_scale / scale
 
 
 def check_run(run_dir: str | Path, retime_rounds: int = 0) -> dict:

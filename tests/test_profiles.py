@@ -23,6 +23,7 @@ from deploy.latency_model import (
     interpolate_entry,
     net_ms,
     predict_plan,
+    rescale_prediction,
 )
 from deploy.measure import LayerSpec
 from deploy.planner import LayerChoices, Option
@@ -469,3 +470,14 @@ def test_check_retime_replaces_measurements(tmp_path):
     assert summary["retime_rounds"] == 2
     assert summary["rows"][0]["measured_p50_ms"] < 1000.0
     assert summary["baseline_p50_ms"] < 1.0
+
+
+def test_rescale_starts_from_the_planned_prediction():
+    # The planner predicted 0.5 ms with scale 1.0 against a baseline predicted
+    # at 1.0 ms. The run's side-by-side timing already doubled the stored
+    # prediction; re-timing the baseline at 2.0 ms must give 1.0 ms, not 2.0.
+    prediction = {"latency_ms": 0.5, "overhead_ms": 0.0, "scale": 1.0}
+    entry = {"predicted_latency_ms": 1.0, "plan": {"prediction": prediction}}
+    baseline = {"predicted_latency_ms": 1.0}
+    assert rescale_prediction(entry, baseline, 2.0) == pytest.approx(1.0)
+    assert rescale_prediction(entry, baseline, 1.0) == pytest.approx(0.5)
