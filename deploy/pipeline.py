@@ -802,6 +802,7 @@ def _run(
             "protocol": {
                 **protocol.to_dict(),
                 "batch_size": 1,
+                "input_shapes": [[1, *a.shape[1:]] for a in validation_set.inputs],
                 "warmup_excluded": True,
                 "side_by_side": "p50 and p90 are medians over 5 alternating rounds that time "
                 "the baseline and every valid variant on the same input",
@@ -946,6 +947,7 @@ def _plan(
             example_inputs,
             config.space.round_to,
             progress=_progress("sensitivity"),
+            reduce_range=bool(config.quantize.reduce_range),
         )
         choices = [
             LayerChoices(

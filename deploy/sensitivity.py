@@ -36,11 +36,13 @@ def measure_sensitivity(
     example_inputs,
     round_to: int = 8,
     progress=None,
+    reduce_range: bool = False,
 ) -> dict[str, dict[Option, float]]:
     """Return, per layer, the distortion of each of its options.
 
     An option's distortion is that of its structural choice plus that of
-    int8 on the layer, each measured alone.
+    int8 on the layer, each measured alone; ``reduce_range`` simulates
+    7-bit int8 weights.
     """
     reference = predict(model, calibration)
     calibration_tensors = to_tensors(calibration)
@@ -55,7 +57,9 @@ def measure_sensitivity(
                     model, name, option.struct, calibration, reference, example_inputs, round_to
                 )
             if option.precision not in by_precision:
-                variant = fake_quantize_layer(model, name, calibration_tensors)
+                variant = fake_quantize_layer(
+                    model, name, calibration_tensors, reduce_range=reduce_range
+                )
                 by_precision[option.precision] = distortion(
                     reference, predict(variant, calibration)
                 )

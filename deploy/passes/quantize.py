@@ -34,7 +34,9 @@ class QuantizeConfig:
             stay in float.
         per_channel: one weight scale per output channel. Defaults to True.
         reduce_range: 7-bit weights, for CPUs without VNNI whose u8s8 kernels
-            can saturate. Defaults to False.
+            can saturate. Defaults to ``None``, which resolves to True on an
+            x86-64 CPU without VNNI or AMX (ONNX Runtime's int16 accumulation
+            there overflows with 8-bit weights) and to False elsewhere.
         calibrate_method: ``minmax``, ``entropy`` or ``percentile``.
             Defaults to ``minmax``.
         keep_float: layers that stay in float whatever the plan chooses,
@@ -47,7 +49,7 @@ class QuantizeConfig:
     method: str = "static"
     layers: list[str] = dataclasses.field(default_factory=list)
     per_channel: bool = True
-    reduce_range: bool = False
+    reduce_range: bool | None = None
     calibrate_method: str = "minmax"
     keep_float: list[str] = dataclasses.field(default_factory=list)
 
@@ -62,6 +64,8 @@ class QuantizeConfig:
         self.keep_float = list(self.keep_float)
         if self.method not in METHODS:
             raise ValueError(f"quantize method {self.method!r} is not one of {METHODS}")
+        if self.reduce_range is None:
+            self.reduce_range = needs_reduce_range()
         if self.calibrate_method not in CALIBRATION_METHODS:
             raise ValueError(
                 f"calibration method {self.calibrate_method!r} is not one of {CALIBRATION_METHODS}"
@@ -75,15 +79,52 @@ class QuantizeConfig:
         return cls(**data)
 
 
-def _quantize_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    # Symmetric int8 in [-127, 127], as ONNX Runtime's QInt8 weights.
+X86 = ("x86_64", "amd64", "i386", "i686")
+# CPU flags of x86 instructions that multiply u8 by s8 into int32 without the
+# int16 intermediate that saturates (AVX-VNNI, AVX512-VNNI, AMX-INT8).
+INT8_DOT_FLAGS = ("avx_vnni", "avx512_vnni", "avx512vnni", "amx_int8")
+
+
+def needs_reduce_range(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """Return whether int8 weights should use 7 bits on this CPU.
+
+    On x86-64 without VNNI, ONNX Runtime's u8s8 kernels add pairs of u8 x s8
+    products in int16 (``vpmaddubsw``), which saturates with full-range
+    weights and corrupts the result. True there, False on other CPUs.
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo``; read from this machine when
+            ``None``. Unreadable counts as no VNNI.
+        machine: ``platform.machine()``; this machine's when ``None``.
+    """
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in X86:
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            cpuinfo = ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return not flags & set(INT8_DOT_FLAGS)
+
+
+def _quantize_weight(weight: torch.Tensor, per_channel: bool, levels: int = 127) -> torch.Tensor:
+    # Symmetric int8 in [-levels, levels], as ONNX Runtime's QInt8 weights
+    # (127, or 64 with reduce_range).
     dims = tuple(range(1, weight.dim()))
     if per_channel:
-        scale = weight.abs().amax(dim=dims, keepdim=True) / 127.0
+        scale = weight.abs().amax(dim=dims, keepdim=True) / levels
     else:
-        scale = weight.abs().max() / 127.0
+        scale = weight.abs().max() / levels
     scale = scale.clamp(min=1e-12)
-    return (weight / scale).round().clamp(-127, 127) * scale
+    return (weight / scale).round().clamp(-levels, levels) * scale
 
 
 def _quantize_activation(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -102,11 +143,13 @@ def fake_quantize_layer(
     *,
     per_channel: bool = True,
     quantize_input: bool = True,
+    reduce_range: bool = False,
 ) -> nn.Module:
     """Return a copy of ``model`` whose layer ``name`` computes as int8 would.
 
-    The weight is rounded to int8 and, when ``quantize_input``, the layer's
-    input to uint8 with a range calibrated (min/max) on ``calibration_inputs``.
+    The weight is rounded to int8 (7 bits with ``reduce_range``) and, when
+    ``quantize_input``, the layer's input to uint8 with a range calibrated
+    (min/max) on ``calibration_inputs``.
     """
     result = copy.deepcopy(model).eval()
     layer = result.get_submodule(name)
@@ -126,5 +169,5 @@ def fake_quantize_layer(
             lambda _m, args: (_quantize_activation(args[0], low, high), *args[1:])
         )
     with torch.no_grad():
-        layer.weight.copy_(_quantize_weight(layer.weight, per_channel))
+        layer.weight.copy_(_quantize_weight(layer.weight, per_channel, 64 if reduce_range else 127))
     return result
