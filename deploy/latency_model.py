@@ -245,17 +245,22 @@ def _error_pct(entry: dict) -> float | None:
     return (predicted - measured) / measured * 100.0
 
 
-def _feeds_for(runner) -> dict:
-    # Timing does not depend on the values, only on shapes and dtypes: batch 1,
-    # and 16 positions for any other dynamic axis.
+def _feeds_for(runner, shapes: list | None = None) -> dict:
+    # Timing depends on shapes and dtypes, not on values. ``shapes`` are those
+    # the run timed with (its manifest's protocol.input_shapes); runs written
+    # before that field existed get batch 1 and 16 positions on other dynamic axes.
     rng = np.random.default_rng(0)
     feeds = {}
-    for spec in runner.session.get_inputs():
-        shape = [
-            d if isinstance(d, int) else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)
-        ]
+    for k, spec in enumerate(runner.session.get_inputs()):
+        if shapes and k < len(shapes):
+            shape = list(shapes[k])
+        else:
+            shape = [
+                d if isinstance(d, int) else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)
+            ]
         if "int" in spec.type:
-            feeds[spec.name] = np.zeros(shape, dtype=np.int64)
+            # Token ids and attention masks: 1 is a valid value of both.
+            feeds[spec.name] = np.ones(shape, dtype=np.int64)
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
@@ -279,7 +284,8 @@ def retime_run(run_dir: Path, manifest: dict, names: list[str], rounds: int) -> 
     artifacts = {"baseline": manifest["baseline"]["artifact"]}
     artifacts.update({v["name"]: v["artifact"] for v in manifest["variants"] if v["name"] in names})
     runners = {name: OnnxRunner(run_dir / path, timing.threads) for name, path in artifacts.items()}
-    feeds = {name: _feeds_for(runner) for name, runner in runners.items()}
+    shapes = protocol.get("input_shapes")
+    feeds = {name: _feeds_for(runner, shapes) for name, runner in runners.items()}
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():

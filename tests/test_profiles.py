@@ -481,3 +481,13 @@ def test_rescale_starts_from_the_planned_prediction():
     baseline = {"predicted_latency_ms": 1.0}
     assert rescale_prediction(entry, baseline, 2.0) == pytest.approx(1.0)
     assert rescale_prediction(entry, baseline, 1.0) == pytest.approx(0.5)
+
+
+def test_retime_feeds_use_the_run_input_shapes(tmp_path):
+    from deploy.latency_model import _feeds_for
+    from exporters.onnx import OnnxRunner
+
+    _relu_model(tmp_path / "m.onnx")
+    runner = OnnxRunner(tmp_path / "m.onnx", 1)
+    assert _feeds_for(runner, [[3, 4]])["input"].shape == (3, 4)
+    assert _feeds_for(runner)["input"].shape == (1, 4)
