@@ -131,10 +131,20 @@ class CostTable:
         measure: measure missing entries on this machine. When False (a
             profile of another device), missing entries are interpolated
             between measured ones and listed in ``interpolated``. Defaults to True.
+        quantization: how the run quantizes int8 layers, ``static`` or
+            ``dynamic``; int8 entries are looked up and measured that way.
+            Defaults to ``static``.
     """
 
-    def __init__(self, profile: DeviceProfile, save_every: int = 20, measure: bool = True):
+    def __init__(
+        self,
+        profile: DeviceProfile,
+        save_every: int = 20,
+        measure: bool = True,
+        quantization: str = "static",
+    ):
         self.profile = profile
+        self.quantization = quantization
         self.protocol = timing_protocol(profile)
         self.save_every = save_every
         self.measure = measure
@@ -148,18 +158,25 @@ class CostTable:
 
     def entry(self, spec: LayerSpec, precision: str) -> dict:
         """Return the entry of ``spec`` at ``precision``: stored, measured now or interpolated."""
-        key = entry_key(**spec.key_fields(precision))
+        key = entry_key(**spec.key_fields(precision, self.quantization))
         entry = self.profile.lookup(key) or self.interpolated.get(key)
         if entry is not None:
             self.reused += 1
             return entry
         if not self.measure:
-            estimate = interpolate_entry(self.profile.data["latency_table"], spec, precision)
+            estimate = interpolate_entry(
+                self.profile.data["latency_table"], spec, precision, self.quantization
+            )
             entry = {"p50_ms": estimate["net_ms"], **estimate}
             self.interpolated[key] = entry
             return entry
         entry = measure_spec(
-            spec, precision, self.protocol, self.profile.data["power"], self._reader
+            spec,
+            precision,
+            self.protocol,
+            self.profile.data["power"],
+            self._reader,
+            quantization=self.quantization,
         )
         self.profile.add_entry(entry)
         self.measured += 1

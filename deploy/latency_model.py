@@ -85,12 +85,15 @@ def _family(spec: LayerSpec, precision: str) -> tuple:
     )
 
 
-def interpolate_entry(entries: list[dict], spec: LayerSpec, precision: str) -> dict:
+def interpolate_entry(
+    entries: list[dict], spec: LayerSpec, precision: str, quantization: str = "static"
+) -> dict:
     """Estimate an entry for ``spec`` from measured entries of the same family.
 
     Net latency is interpolated linearly in multiply-adds between the two
     measured neighbours. Outside the measured range it is scaled from the
-    nearest one in proportion to multiply-adds. The result has ``net_ms``,
+    nearest one in proportion to multiply-adds. Int8 entries count only if
+    they were quantized the same way (``quantization``). The result has ``net_ms``,
     ``boundary_ms`` (from the nearest entry) and ``interpolated_from``.
 
     Raises:
@@ -101,7 +104,11 @@ def interpolate_entry(entries: list[dict], spec: LayerSpec, precision: str) -> d
     points = []
     for entry in entries:
         other = spec_of_entry(entry)
-        if entry["precision"] == precision and _family(other, precision) == family:
+        if (
+            entry["precision"] == precision
+            and entry.get("quantization", "static") == quantization
+            and _family(other, precision) == family
+        ):
             points.append((other.macs, net_ms(entry), entry))
     if not points:
         raise DeployError(

@@ -916,7 +916,11 @@ def _plan(
 
     with _Stage(3, total, f"costs from device profile {profile.name}"):
         # A profile of another device cannot be measured here: its missing entries are interpolated.
-        costs = CostTable(profile, measure=local_profile_matches(profile))
+        costs = CostTable(
+            profile,
+            measure=local_profile_matches(profile),
+            quantization=config.quantize.method,
+        )
         options, latency, input_from, passthrough = layer_options(
             original, layers, prunable, config.space, costs, progress=_progress("layer")
         )

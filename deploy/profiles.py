@@ -45,12 +45,20 @@ def entry_key(
     groups: int = 1,
     option: str = "dense",
     precision: str = "fp32",
+    quantization: str = "static",
 ) -> str:
-    """Return the lookup key of a latency table entry."""
+    """Return the lookup key of a latency table entry.
+
+    ``quantization`` tells int8 entries apart: ``dynamic`` ones get a suffix,
+    ``static`` ones (and every entry of another precision) do not, so that
+    entries written before the field existed keep their keys.
+    """
     join = "x".join
+    suffix = "|dynamic" if precision == "int8" and quantization == "dynamic" else ""
     return (
         f"{op}|in={join(map(str, input_shape))}|w={join(map(str, weight_shape))}"
         f"|s={join(map(str, stride))}|p={join(map(str, padding))}|g={groups}|{option}|{precision}"
+        + suffix
     )
 
 
@@ -64,6 +72,7 @@ def _key_of(entry: dict) -> str:
         entry.get("groups", 1),
         entry["option"],
         entry["precision"],
+        entry.get("quantization", "static"),
     )
 
 

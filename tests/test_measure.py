@@ -74,3 +74,16 @@ def test_spec_builds_lowrank():
 def test_spec_depthwise_weight_shape():
     spec = LayerSpec("conv2d", (1, 16, 8, 8), 16, (3, 3), groups=16)
     assert spec.weight_shape == (16, 1, 3, 3)
+
+
+def test_measure_dynamic_int8_entry(check_entry):
+    from deploy.profiles import _key_of, entry_key
+
+    spec = LayerSpec("linear", (1, 16, 64), 64)
+    entry = measure_spec(spec, "int8", PROTOCOL, quantization="dynamic")
+    check_entry(entry)
+    assert entry["quantization"] == "dynamic"
+    assert entry["boundary_ms"] == 0.0
+    # A dynamic entry never answers a lookup for a static one, and the other way round.
+    static_key = entry_key(**spec.key_fields("int8"))
+    assert _key_of(entry) == entry_key(**spec.key_fields("int8", "dynamic")) != static_key
