@@ -148,6 +148,11 @@ class OptimizeConfig:
             raise DeployError(f"space {self.space!r} must be a SearchSpace or None")
         if self.space is None:
             self.space = SearchSpace(passes=tuple(self.passes))
+        else:
+            # ``passes`` is what --passes sets; a search space names at most those.
+            self.space = dataclasses.replace(
+                self.space, passes=tuple(p for p in self.passes if p in self.space.passes)
+            )
 
     def to_dict(self) -> dict:
         return {
@@ -978,6 +983,20 @@ def _plan(
             plan.predicted_latency_ms = prediction.latency_ms
             plan.prediction = prediction.to_dict()
         if not plans:
+            faster = any(
+                value < layer.latency_ms.get((keep, dense), float("inf"))
+                for layer in choices
+                for (keep, option), value in layer.latency_ms.items()
+                if option != dense
+            )
+            if not faster:
+                raise DeployError(
+                    f"no option of the passes {', '.join(config.passes)} makes any layer "
+                    f"faster than fp32 on device profile {profile.name!r}: its latency "
+                    f"table has every option at least as slow as the dense fp32 layer "
+                    f"(int8 is no faster than fp32 on CPUs without VNNI); add prune or "
+                    f"lowrank with --passes"
+                )
             raise DeployError(
                 "no plan other than the fp32 baseline fits the budgets; raise --budget-ms "
                 "or allow more passes with --passes"

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import deploy
@@ -201,6 +202,31 @@ def test_optimize_impossible_budget_no_folder(impossible_budget):
     assert _leftovers(impossible_budget[1]) == []
 
 
+def test_optimize_says_when_no_option_is_faster(tmp_path, measured_profile, small_config, heldout):
+    # A device whose int8 layers all run slower than fp32, as on x86 CPUs
+    # without VNNI: int8 alone gives the planner nothing to trade.
+    profile_path = measured_profile(tmp_path)
+    document = yaml.safe_load(profile_path.read_text())
+    fp32 = {
+        _entry_shape(e): e["p50_ms"] for e in document["latency_table"] if e["precision"] == "fp32"
+    }
+    for entry in document["latency_table"]:
+        if entry["precision"] == "int8":
+            entry["p50_ms"] = entry["p90_ms"] = 10 * fp32.get(_entry_shape(entry), 1.0) + 1.0
+    profile_path.write_text(yaml.safe_dump(document))
+    config = small_config(passes=("quantize",), finetune=None)
+    with pytest.raises(DeployError, match="makes any layer faster than fp32") as raised:
+        deploy.optimize(
+            build_model(), dict(heldout), profile_path, out=tmp_path / "run", config=config
+        )
+    assert "--passes" in str(raised.value)
+    assert _leftovers(tmp_path) == []
+
+
+def _entry_shape(entry: dict) -> tuple:
+    return (entry["op"], tuple(entry["input_shape"]), tuple(entry["weight_shape"]), entry["option"])
+
+
 class BakedBatch(nn.Module):
     """Runs at any batch in PyTorch, but ``int()`` freezes the example batch of 2 into the export."""
 
@@ -269,3 +295,11 @@ def test_materialize_applies_plan(digits_model, example_inputs, small_config, he
     )
     assert variant.features[3].out_channels == 64
     assert recipe["quantize"]["layers"] == ["classifier.1"]
+
+
+def test_config_passes_limit_the_search_space():
+    from deploy.costs import SearchSpace
+
+    config = OptimizeConfig(passes=("quantize",), space=SearchSpace(keep_ratios=(0.5,)))
+    assert config.space.passes == ("quantize",)
+    assert config.space.keep_ratios == (0.5,)
