@@ -89,15 +89,20 @@ def test_export_runs_at_two_batches_and_lengths(tmp_path, model):
 
 
 @pytest.mark.slow
-def test_optimize_quantizes_minilm_dynamically(tmp_path, model, make_profile):
+def test_optimize_factorizes_and_quantizes_minilm(tmp_path, model, make_profile):
     import deploy
+    from deploy.costs import SearchSpace
     from deploy.passes.quantize import QuantizeConfig
     from deploy.pipeline import OptimizeConfig
 
     ids, mask = tokenize(extract_sentences(60), 32)
+    # One rank per layer keeps the run short; low-rank is in the passes
+    # because on a CPU where int8 is no faster than fp32, dynamic int8 alone
+    # may give the planner nothing faster than the baseline.
     config = OptimizeConfig(
         task="embedding",
-        passes=("quantize",),
+        passes=("lowrank", "quantize"),
+        space=SearchSpace(rank_fractions=(0.25,)),
         quantize=QuantizeConfig(method="dynamic", per_channel=True),
         finetune=None,
         num_budgets=2,
@@ -110,9 +115,12 @@ def test_optimize_quantizes_minilm_dynamically(tmp_path, model, make_profile):
         out=tmp_path / "run",
         config=config,
     )
-    assert manifest["baseline"]["status"] == "ok"
+    baseline = manifest["baseline"]
+    assert baseline["status"] == "ok"
     validated = [v for v in manifest["variants"] if v["status"] == "ok"]
     assert validated
-    assert all(v["plan"]["recipe"]["quantize"]["method"] == "dynamic" for v in validated)
-    # Agreement here is the share of sentences with cosine similarity >= 0.99.
-    assert max(v["agreement"] for v in validated) >= 0.9
+    quantized = [v["plan"]["recipe"]["quantize"] for v in validated]
+    assert all(q["method"] == "dynamic" for q in quantized if q)
+    fastest = min(validated, key=lambda v: v["latency_ms"]["p50"])
+    assert fastest["plan"]["recipe"]["lowrank"]["ranks"]
+    assert fastest["latency_ms"]["p50"] < baseline["latency_ms"]["p50"]
