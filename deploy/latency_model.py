@@ -12,12 +12,14 @@ A variant's predicted latency is
   passes int8 tensors, so each such edge saves the second layer's
   ``boundary_ms`` (QuantizeLinear and DequantizeLinear on its input).
 - ``overhead`` and ``scale`` are calibrated per model on the measured fp32
-  baseline: ``overhead`` is one session call, and ``scale`` maps the sum of
-  the baseline's net entries onto its measured median less that call. It
+  baseline. ``overhead`` is one session call plus the time the baseline
+  spends outside its layers (attention's softmax, normalization, GELU,
+  pooling, reshapes), measured as a share of its run time with ONNX
+  Runtime's profiler; no pass shrinks that part. ``scale`` maps the sum of
+  the baseline's net entries onto the rest of its measured median. It
   absorbs what one-layer models do not show: ONNX Runtime fuses activations
   into the layers and keeps the NCHWc layout between consecutive convs, so a
-  layer runs faster inside a model than alone, while pooling and reshapes
-  add time.
+  layer runs faster inside a model than alone.
 
 Where an entry is missing and cannot be measured (a profile of another
 device), its net latency is interpolated in multiply-adds between measured
@@ -144,28 +146,41 @@ class Calibration:
     """Per-model calibration of the latency model on the measured fp32 baseline.
 
     Attributes:
-        overhead_ms: time outside the layers, one session call.
+        overhead_ms: time outside the layers: one session call and the
+            operators that belong to no layer.
         scale: measured baseline time in the layers over the sum of their
             net entries.
+        call_ms: the session call alone; defaults to ``overhead_ms``.
     """
 
     overhead_ms: float
     scale: float
+    call_ms: float | None = None
 
 
 def calibrate(
-    baseline_ms: float, layers_ms: float, call_ms: float, warn: bool = True
+    baseline_ms: float,
+    layers_ms: float,
+    call_ms: float,
+    warn: bool = True,
+    outside_share: float = 0.0,
 ) -> Calibration:
     """Fit the calibration to a baseline measured at ``baseline_ms`` whose net entries sum to ``layers_ms``.
+
+    ``outside_share`` is the fraction of the baseline's time past the session
+    call spent in operators of no layer (``outside_layers_share``); it joins
+    the overhead.
 
     The scale is clipped to [0.5, 2], with a warning unless ``warn`` is False. A scale outside that
     range came from load on the machine (the baseline was timed while other
     processes ran, or the profile was), not from the model, and would carry
     that load into every prediction.
     """
-    overhead = min(max(call_ms, 0.0), baseline_ms)
+    call = min(max(call_ms, 0.0), baseline_ms)
+    share = min(max(outside_share, 0.0), 1.0)
+    overhead = call + share * (baseline_ms - call)
     if layers_ms <= 0:
-        return Calibration(max(baseline_ms, 0.0), 1.0)
+        return Calibration(max(baseline_ms, 0.0), 1.0, call)
     scale = max(baseline_ms - overhead, 0.0) / layers_ms
     if not MIN_SCALE <= scale <= MAX_SCALE and warn:
         logger.warning(
@@ -179,7 +194,7 @@ def calibrate(
             scale,
         )
         scale = min(max(scale, MIN_SCALE), MAX_SCALE)
-    return Calibration(overhead, scale)
+    return Calibration(overhead, scale, call)
 
 
 @dataclasses.dataclass
@@ -193,6 +208,7 @@ class Prediction:
         layers_ms: the sum of the layers' scaled net entries.
         int8_edges_ms: what consecutive int8 layers save, scaled.
         interpolated: layers whose entry was interpolated, not measured.
+        call_ms: the session call within ``overhead_ms``.
     """
 
     latency_ms: float
@@ -201,6 +217,7 @@ class Prediction:
     layers_ms: float
     int8_edges_ms: float
     interpolated: list[str]
+    call_ms: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -239,8 +256,15 @@ def predict_plan(choices, plan_layers: dict, calibration: Calibration | float, c
         keep = in_keep if layer.passthrough else option.keep
     edges_ms *= calibration.scale
     latency = calibration.overhead_ms + max(layers_ms - edges_ms, 0.0)
+    call = calibration.overhead_ms if calibration.call_ms is None else calibration.call_ms
     return Prediction(
-        latency, calibration.overhead_ms, calibration.scale, layers_ms, edges_ms, interpolated
+        latency,
+        calibration.overhead_ms,
+        calibration.scale,
+        layers_ms,
+        edges_ms,
+        interpolated,
+        call,
     )
 
 
@@ -311,12 +335,16 @@ def rescale_prediction(entry: dict, baseline: dict, baseline_ms: float) -> float
     prediction = (entry.get("plan") or {}).get("prediction") or {}
     if "scale" not in prediction or not baseline.get("predicted_latency_ms"):
         return entry["predicted_latency_ms"]
-    overhead, scale = prediction["overhead_ms"], prediction["scale"]
+    call = prediction.get("call_ms")
+    call = prediction["overhead_ms"] if call is None else call
     planned = prediction.get("latency_ms", entry["predicted_latency_ms"])
-    # The baseline's net entries, unscaled, follow from its own prediction.
-    layers_ms = (baseline["predicted_latency_ms"] - overhead) / scale
-    new_scale = calibrate(baseline_ms, layers_ms, overhead, warn=False).scale
-    return overhead + (planned - overhead) * new_scale / scale
+    # Load slows the layers and the operators outside them alike: everything
+    # past the session call scales with the baseline's change.
+    before = baseline["predicted_latency_ms"] - call
+    if before <= 0:
+        return planned
+    ratio = min(max((baseline_ms - call) / before, 0.0), 10.0)
+    return call + (planned - call) * ratio
 
 
 def check_run(run_dir: str | Path, retime_rounds: int = 0) -> dict:
@@ -381,3 +409,36 @@ def check_run(run_dir: str | Path, retime_rounds: int = 0) -> dict:
         "median_abs_error_pct": statistics.median(errors) if errors else None,
         "rows": rows,
     }
+
+
+# Operator types of ONNX Runtime's optimized CPU graphs that compute a Conv2d
+# or Linear layer; time in every other operator is outside the layers.
+LAYER_OPS = frozenset(
+    {
+        "Conv",
+        "FusedConv",
+        "ConvInteger",
+        "QLinearConv",
+        "Gemm",
+        "FusedGemm",
+        "QGemm",
+        "MatMul",
+        "FusedMatMul",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QLinearMatMul",
+    }
+)
+
+
+def outside_layers_share(op_ms: dict[str, float]) -> float:
+    """Return the fraction of ``op_ms`` (operator type -> ms) spent outside ``LAYER_OPS``.
+
+    Attention's activation-by-activation MatMuls count as layer time: their
+    operator type cannot be told apart from a Linear's.
+    """
+    total = sum(op_ms.values())
+    if total <= 0:
+        return 0.0
+    return sum(ms for op, ms in op_ms.items() if op not in LAYER_OPS) / total

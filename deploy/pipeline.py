@@ -39,7 +39,12 @@ from deploy.costs import PASSES, CostTable, SearchSpace, layer_options
 from deploy.data import Dataset, dataset_from_arrays, load_data
 from deploy.errors import DeployError
 from deploy.finetune import FinetuneConfig, distill
-from deploy.latency_model import calibrate, predict_plan, rescale_prediction
+from deploy.latency_model import (
+    calibrate,
+    outside_layers_share,
+    predict_plan,
+    rescale_prediction,
+)
 from deploy.models import load_model
 from deploy.passes.lowrank import LowRankConfig, apply_lowrank
 from deploy.passes.prune import PruneConfig, apply_prune, prunable_layers
@@ -68,6 +73,7 @@ from exporters.onnx import (
     OnnxRunner,
     nodes_of_module,
     onnx_from_torch,
+    op_times,
     quantize_onnx,
 )
 
@@ -707,10 +713,18 @@ def _run(
             _check_sequence_lengths(partial / "baseline.onnx", original, validation_set, axes)
             baseline = _entry("baseline", "baseline.onnx", check, None, None, "fp32 baseline")
             _save_json(partial / "baseline.json", baseline)
+        if "outside_layers_share" not in baseline:
+            # What no pass shrinks: the share of the baseline's time spent in
+            # operators of no layer, from ONNX Runtime's profiler.
+            sample = dict(zip(names, [a[:1] for a in validation_set.inputs], strict=True))
+            times = op_times(partial / "baseline.onnx", sample, protocol.threads)
+            baseline["outside_layers_share"] = outside_layers_share(times)
+            _save_json(partial / "baseline.json", baseline)
         logger.info(
-            "    baseline p50 %.3f ms, accuracy %s",
+            "    baseline p50 %.3f ms, accuracy %s, %.1f%% of its time outside the layers",
             baseline["latency_ms"]["p50"],
             format_quality(baseline["accuracy"]),
+            100 * baseline["outside_layers_share"],
         )
 
     keep_float = resolve_keep_float(config.quantize.keep_float, original, partial / "baseline.onnx")
@@ -943,7 +957,12 @@ def _plan(
         call_ms = statistics.median(
             costs.entry_for(x.name, 1.0, dense).get("call_ms", 0.0) for x in layers
         )
-        fit = calibrate(baseline["latency_ms"]["p50"], layer_sum, call_ms)
+        fit = calibrate(
+            baseline["latency_ms"]["p50"],
+            layer_sum,
+            call_ms,
+            outside_share=baseline.get("outside_layers_share", 0.0),
+        )
         latency = {key: value * fit.scale for key, value in latency.items()}
         layer_sum *= fit.scale
         overhead = fit.overhead_ms

@@ -7,6 +7,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from deploy.latency_model import (
     check_run,
     interpolate_entry,
     net_ms,
+    outside_layers_share,
     predict_plan,
     rescale_prediction,
 )
@@ -340,7 +342,31 @@ def test_calibrate_clips_busy_baseline():
 
 
 def test_calibrate_without_layers():
-    assert calibrate(1.0, 0.0, 0.05) == Calibration(1.0, 1.0)
+    assert calibrate(1.0, 0.0, 0.05) == Calibration(1.0, 1.0, 0.05)
+
+
+def test_calibrate_keeps_time_outside_layers_fixed():
+    # 20% of the 1.0 ms past the session call is outside the layers: a plan
+    # whose layers halve keeps that 0.2 ms.
+    calibration = calibrate(baseline_ms=1.05, layers_ms=1.0, call_ms=0.05, outside_share=0.2)
+    assert calibration.overhead_ms == pytest.approx(0.25)
+    assert calibration.call_ms == pytest.approx(0.05)
+    assert calibration.overhead_ms + calibration.scale * 0.5 == pytest.approx(0.65)
+
+
+def test_outside_layers_share_counts_non_layer_operators():
+    share = outside_layers_share({"MatMul": 6.0, "FusedConv": 2.0, "Softmax": 1.0, "Add": 1.0})
+    assert share == pytest.approx(0.2)
+    assert outside_layers_share({}) == 0.0
+
+
+def test_op_times_profiles_every_operator(tmp_path):
+    from exporters.onnx import op_times
+
+    _relu_model(tmp_path / "m.onnx")
+    times = op_times(tmp_path / "m.onnx", {"input": np.ones((1, 4), np.float32)}, runs=3)
+    assert set(times) == {"Relu"}
+    assert times["Relu"] >= 0.0
 
 
 def _manifest(tmp_path, pairs):
@@ -476,7 +502,7 @@ def test_rescale_starts_from_the_planned_prediction():
     # The planner predicted 0.5 ms with scale 1.0 against a baseline predicted
     # at 1.0 ms. The run's side-by-side timing already doubled the stored
     # prediction; re-timing the baseline at 2.0 ms must give 1.0 ms, not 2.0.
-    prediction = {"latency_ms": 0.5, "overhead_ms": 0.0, "scale": 1.0}
+    prediction = {"latency_ms": 0.5, "overhead_ms": 0.0, "scale": 1.0, "call_ms": 0.0}
     entry = {"predicted_latency_ms": 1.0, "plan": {"prediction": prediction}}
     baseline = {"predicted_latency_ms": 1.0}
     assert rescale_prediction(entry, baseline, 2.0) == pytest.approx(1.0)
