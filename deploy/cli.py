@@ -81,7 +81,11 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="deploy", description=__doc__.split("\n")[0])
+    parser = _Parser(
+        prog="deploy",
+        description="Shrink a trained PyTorch model for a device, export and validate each "
+        "variant, and pick an accuracy-latency point.",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True)
 

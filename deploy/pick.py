@@ -87,12 +87,16 @@ def pick(
     closest = min(entries, key=miss)
     parts = []
     if max_latency_ms is not None:
+        verdict = "meets" if closest["latency_ms"]["p50"] <= max_latency_ms else "misses"
         parts.append(
-            f"p50 {closest['latency_ms']['p50']:.3f} ms against --max-latency-ms {max_latency_ms:g}"
+            f"p50 {closest['latency_ms']['p50']:.3f} ms {verdict} --max-latency-ms "
+            f"{max_latency_ms:g}"
         )
     if max_accuracy_drop is not None:
+        verdict = "meets" if drop(closest) <= max_accuracy_drop + 1e-9 else "misses"
         parts.append(
-            f"accuracy drop {drop(closest):.2f} points against --max-accuracy-drop {max_accuracy_drop:g}"
+            f"accuracy drop {drop(closest):.2f} points {verdict} --max-accuracy-drop "
+            f"{max_accuracy_drop:g}"
         )
     raise DeployError(
         f"no variant in {run_dir} meets the constraints; closest is {closest['name']} "

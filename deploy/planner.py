@@ -105,7 +105,10 @@ class Plan:
                 counts[kind] = counts.get(kind, 0) + 1
             if option.precision != "fp32":
                 counts[option.precision] = counts.get(option.precision, 0) + 1
-        return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "fp32 baseline"
+        # A fixed order, so that equal plans read alike.
+        order = {"prune": 0, "lowrank": 1}
+        kinds = sorted(counts, key=lambda k: (order.get(k, 2), k))
+        return ", ".join(f"{k} x{counts[k]}" for k in kinds) or "fp32 baseline"
 
 
 def _keep_states(layers: list[LayerChoices]) -> list[float]:

@@ -71,7 +71,9 @@ def report_markdown(manifest: dict) -> str:
         f"({manifest['device_profile']['runtime']}, {manifest['device_profile']['threads']} thread(s)). "
         f"Latency: batch 1, the baseline and every valid variant timed side by side in 5 "
         f"alternating rounds ({manifest['protocol']['warmup']} warm-up runs each), {manifest['protocol']['runs']} "
-        f"timed runs in all; p50 and p90 are medians over the rounds. "
+        f"timed runs per model in all; p50 and p90 are medians over the rounds. "
+        f"Predicted ms is the latency model's figure, recalibrated to the baseline's "
+        f"side-by-side p50 (the baseline's own is its p50 when validated). "
         f"Validation on {manifest['data']['validation_samples']} "
         f"held-out samples. `*` marks the frontier.",
         "",
@@ -88,6 +90,16 @@ def report_markdown(manifest: dict) -> str:
             f"{_fmt(e.get('predicted_latency_ms'), 3)} | {e['size_bytes'] / 1024:.0f} | "
             f"{e['status']}{': ' + e['reason'] if e.get('reason') else ''} |"
         )
+    slower = [
+        e["name"]
+        for e in manifest["variants"]
+        if e["status"] == "ok" and e["latency_ms"].get("p50", 0.0) >= base_p50
+    ]
+    if slower:
+        lines += [
+            "",
+            f"Not faster than the fp32 baseline on this device: {', '.join(slower)}.",
+        ]
     lines += [
         "",
         "Artifacts are ONNX files relative to this folder; `manifest.json` has every figure.",

@@ -239,5 +239,10 @@ def test_plan_describe():
     assert plan.describe() == "prune x1, lowrank x1, int8 x2"
 
 
+def test_plan_describe_order_does_not_follow_layers():
+    plan = Plan({"a": DENSE_INT8, "b": LOWRANK_INT8, "c": PRUNE}, 1.0, 0.1)
+    assert plan.describe() == "prune x1, lowrank x1, int8 x2"
+
+
 def test_plan_describe_baseline():
     assert Plan({"a": DENSE}, 1.0, 0.0).describe() == "fp32 baseline"

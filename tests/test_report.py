@@ -118,3 +118,8 @@ def test_write_report_files(manifest, tmp_path):
         "pareto.png",
         "report.md",
     ]
+
+
+def test_report_names_variants_not_faster_than_baseline(manifest):
+    text = report_markdown(manifest)
+    assert "Not faster than the fp32 baseline on this device: slow-tie." in text
