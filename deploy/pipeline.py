@@ -926,11 +926,11 @@ def _plan(
             )
         prunable = prunable_layers(original, example_inputs) if "prune" in config.passes else {}
         logger.info(
-            "    %d layers, %.1fM multiply-adds, %.2f MB of parameters, %d prunable",
+            "    %d layers, %.1fM multiply-adds, %.2f MB of parameters%s",
             len(layers),
             sum(x.macs for x in layers) / 1e6,
             sum(x.param_bytes for x in layers) / 1e6,
-            len(prunable),
+            f", {len(prunable)} prunable" if "prune" in config.passes else "",
         )
 
     with _Stage(3, total, f"costs from device profile {profile.name}"):
