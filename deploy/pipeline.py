@@ -947,10 +947,10 @@ def _plan(
             if name in options:
                 options[name] = [o for o in options[name] if o.precision != "int8"]
         logger.info(
-            "    %d entries reused, %d measured%s",
-            costs.reused,
+            "    %d entries measured%s, %d lookups answered by entries already in the profile",
             costs.measured,
             f" and saved to {profile.path}" if profile.path and costs.measured else "",
+            costs.reused,
         )
         dense = Option("dense", "fp32")
         layer_sum = sum(latency[(x.name, 1.0, dense)] for x in layers)
