@@ -229,8 +229,9 @@ def sweep(
         DeployError: a requested budget is below what any plan can reach.
     """
     fastest = fastest_latency(layers, overhead_ms)
-    if budgets_ms is None:
-        top = max(baseline_ms, fastest * 1.01)
+    top = max(baseline_ms, fastest * 1.01)
+    automatic = budgets_ms is None
+    if automatic:
         budgets_ms = list(np.geomspace(fastest * 1.001, top, count))
     else:
         bad = [b for b in budgets_ms if not (math.isfinite(b) and b > 0)]
@@ -247,6 +248,12 @@ def sweep(
     plans: dict[tuple, Plan] = {}
     for budget in sorted(budgets_ms):
         plan = plan_for_budget(layers, float(budget), overhead_ms)
+        # The planner rounds each layer's latency up to its bin, so a budget
+        # just above the fastest plan can fit nothing. In a sweep, raise such
+        # a budget 2% at a time until a plan fits.
+        while automatic and plan is None and budget < top:
+            budget = min(budget * 1.02, top)
+            plan = plan_for_budget(layers, float(budget), overhead_ms)
         if plan is not None and plan.signature() not in plans:
             plans[plan.signature()] = plan
     return sorted(plans.values(), key=lambda p: p.predicted_latency_ms)

@@ -246,3 +246,30 @@ def test_plan_describe_order_does_not_follow_layers():
 
 def test_plan_describe_baseline():
     assert Plan({"a": DENSE}, 1.0, 0.0).describe() == "fp32 baseline"
+
+
+def _many_layers(count: int) -> list[LayerChoices]:
+    # Latencies that fall between the planner's bins, as measured ones do.
+    rng = np.random.default_rng(0)
+    layers = []
+    for i in range(count):
+        fast = float(rng.uniform(0.1, 0.4))
+        layers.append(
+            LayerChoices(
+                f"l{i}",
+                None,
+                False,
+                [DENSE, LOWRANK],
+                {(1.0, DENSE): fast + float(rng.uniform(0.5, 1.0)), (1.0, LOWRANK): fast},
+                {DENSE: 0.0, LOWRANK: 0.01},
+            )
+        )
+    return layers
+
+
+def test_sweep_reaches_near_fastest_plan_with_many_layers():
+    layers = _many_layers(50)
+    fastest = sum(layer.latency_ms[(1.0, LOWRANK)] for layer in layers)
+    baseline = sum(layer.latency_ms[(1.0, DENSE)] for layer in layers)
+    plans = sweep(layers, 0.0, baseline_ms=baseline, count=2)
+    assert plans[0].predicted_latency_ms < fastest * 1.15
