@@ -150,7 +150,7 @@ class Calibration:
             operators that belong to no layer.
         scale: measured baseline time in the layers over the sum of their
             net entries.
-        call_ms: the session call alone; defaults to ``overhead_ms``.
+        call_ms: the session call alone. Defaults to ``overhead_ms``.
     """
 
     overhead_ms: float
@@ -286,9 +286,10 @@ def _feeds_for(runner, shapes: list | None = None) -> dict:
         if shapes and k < len(shapes):
             shape = list(shapes[k])
         else:
-            shape = [
-                d if isinstance(d, int) else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)
-            ]
+            # Batch 1, and 16 positions on any other dynamic axis.
+            shape = [d if isinstance(d, int) else 16 for d in spec.shape]
+            if shape and not isinstance(spec.shape[0], int):
+                shape[0] = 1
         if "int" in spec.type:
             # Token ids and attention masks: 1 is a valid value of both.
             feeds[spec.name] = np.ones(shape, dtype=np.int64)

@@ -78,7 +78,7 @@ def test_pick_nothing_qualifies_both(run_dir):
         pick(run_dir, max_latency_ms=0.98, max_accuracy_drop=0.5)
 
 
-def test_pick_nothing_qualifies_says_which_constraint_fails(run_dir):
+def test_pick_names_failed_constraint(run_dir):
     with pytest.raises(DeployError) as raised:
         pick(run_dir, max_latency_ms=0.98, max_accuracy_drop=0.5)
     assert "misses --max-latency-ms 0.98" in str(raised.value)

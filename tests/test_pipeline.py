@@ -202,7 +202,7 @@ def test_optimize_impossible_budget_no_folder(impossible_budget):
     assert _leftovers(impossible_budget[1]) == []
 
 
-def test_optimize_says_when_no_option_is_faster(tmp_path, measured_profile, small_config, heldout):
+def test_optimize_no_faster_option(tmp_path, measured_profile, small_config, heldout):
     # A device whose int8 layers all run slower than fp32, as on x86 CPUs
     # without VNNI: int8 alone gives the planner nothing to trade.
     profile_path = measured_profile(tmp_path)
@@ -297,7 +297,7 @@ def test_materialize_applies_plan(digits_model, example_inputs, small_config, he
     assert recipe["quantize"]["layers"] == ["classifier.1"]
 
 
-def test_config_passes_limit_the_search_space():
+def test_passes_limit_search_space():
     from deploy.costs import SearchSpace
 
     config = OptimizeConfig(passes=("quantize",), space=SearchSpace(keep_ratios=(0.5,)))

@@ -239,7 +239,7 @@ def test_plan_describe():
     assert plan.describe() == "prune x1, lowrank x1, int8 x2"
 
 
-def test_plan_describe_order_does_not_follow_layers():
+def test_plan_describe_fixed_order():
     plan = Plan({"a": DENSE_INT8, "b": LOWRANK_INT8, "c": PRUNE}, 1.0, 0.1)
     assert plan.describe() == "prune x1, lowrank x1, int8 x2"
 
@@ -267,7 +267,7 @@ def _many_layers(count: int) -> list[LayerChoices]:
     return layers
 
 
-def test_sweep_reaches_near_fastest_plan_with_many_layers():
+def test_sweep_many_layers_near_fastest():
     layers = _many_layers(50)
     fastest = sum(layer.latency_ms[(1.0, LOWRANK)] for layer in layers)
     baseline = sum(layer.latency_ms[(1.0, DENSE)] for layer in layers)

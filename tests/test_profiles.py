@@ -345,7 +345,7 @@ def test_calibrate_without_layers():
     assert calibrate(1.0, 0.0, 0.05) == Calibration(1.0, 1.0, 0.05)
 
 
-def test_calibrate_keeps_time_outside_layers_fixed():
+def test_calibrate_fixed_outside_time():
     # 20% of the 1.0 ms past the session call is outside the layers: a plan
     # whose layers halve keeps that 0.2 ms.
     calibration = calibrate(baseline_ms=1.05, layers_ms=1.0, call_ms=0.05, outside_share=0.2)
@@ -354,13 +354,13 @@ def test_calibrate_keeps_time_outside_layers_fixed():
     assert calibration.overhead_ms + calibration.scale * 0.5 == pytest.approx(0.65)
 
 
-def test_outside_layers_share_counts_non_layer_operators():
+def test_outside_share_non_layer_ops():
     share = outside_layers_share({"MatMul": 6.0, "FusedConv": 2.0, "Softmax": 1.0, "Add": 1.0})
     assert share == pytest.approx(0.2)
     assert outside_layers_share({}) == 0.0
 
 
-def test_op_times_profiles_every_operator(tmp_path):
+def test_op_times_every_operator(tmp_path):
     from exporters.onnx import op_times
 
     _relu_model(tmp_path / "m.onnx")
@@ -498,7 +498,7 @@ def test_check_retime_replaces_measurements(tmp_path):
     assert summary["baseline_p50_ms"] < 1.0
 
 
-def test_rescale_starts_from_the_planned_prediction():
+def test_rescale_from_planned_prediction():
     # The planner predicted 0.5 ms with scale 1.0 against a baseline predicted
     # at 1.0 ms. The run's side-by-side timing already doubled the stored
     # prediction; re-timing the baseline at 2.0 ms must give 1.0 ms, not 2.0.
@@ -509,7 +509,7 @@ def test_rescale_starts_from_the_planned_prediction():
     assert rescale_prediction(entry, baseline, 1.0) == pytest.approx(0.5)
 
 
-def test_retime_feeds_use_the_run_input_shapes(tmp_path):
+def test_retime_feeds_run_shapes(tmp_path):
     from deploy.latency_model import _feeds_for
     from exporters.onnx import OnnxRunner
 

@@ -120,6 +120,6 @@ def test_write_report_files(manifest, tmp_path):
     ]
 
 
-def test_report_names_variants_not_faster_than_baseline(manifest):
+def test_report_names_slow_variants(manifest):
     text = report_markdown(manifest)
     assert "Not faster than the fp32 baseline on this device: slow-tie." in text

@@ -79,7 +79,7 @@ def test_quantize_config_round_trip():
     assert QuantizeConfig.from_dict(config.to_dict()) == config
 
 
-def test_fake_quantize_reduce_range_uses_7_bit_grid(digits_model, calibration):
+def test_fake_quantize_7_bit_grid(digits_model, calibration):
     variant = fake_quantize_layer(digits_model, "features.6", calibration, reduce_range=True)
     weight = variant.features[6].weight.detach()
     scale = weight.abs().amax(dim=(1, 2, 3), keepdim=True) / 64
@@ -92,13 +92,13 @@ ZEN_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse sse2 avx fma avx2 bmi2\n"
 ICELAKE_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
 
 
-def test_needs_reduce_range_on_x86_without_vnni():
+def test_reduce_range_without_vnni():
     assert needs_reduce_range(ZEN_CPUINFO, "x86_64") is True
     assert needs_reduce_range(ICELAKE_CPUINFO, "x86_64") is False
     assert needs_reduce_range("", "x86_64") is True
     assert needs_reduce_range(ZEN_CPUINFO, "aarch64") is False
 
 
-def test_quantize_config_resolves_reduce_range_for_this_machine():
+def test_config_resolves_reduce_range():
     assert QuantizeConfig().reduce_range is needs_reduce_range()
     assert QuantizeConfig(reduce_range=False).reduce_range is False
