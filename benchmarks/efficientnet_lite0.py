@@ -22,7 +22,6 @@ KL(original || variant) of the softmax. Writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -69,22 +68,12 @@ def reference_confidence(reference: np.ndarray) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--run", type=Path, help="reuse this finished examples/efficientnet_lite0.py run"
+    args = harness.parse_args(
+        argv,
+        __doc__.split("\n")[0],
+        "efficientnet_lite0",
+        ROOT / "docs/benchmarks/efficientnet_lite0.json",
     )
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "docs/benchmarks/efficientnet_lite0.json"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
-    parser.add_argument(
-        "--runs-per-round",
-        type=int,
-        default=20,
-        help="timed runs per variant and round (default 20)",
-    )
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from deploy.zoo.efficientnet import build_model

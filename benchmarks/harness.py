@@ -35,6 +35,24 @@ def load_example(name: str):
     return module
 
 
+def parse_args(argv: list[str] | None, description: str, example: str, out: Path):
+    """Parse a benchmark script's options: the run to reuse, the JSON file, threads and rounds."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", type=Path, help=f"reuse this finished examples/{example}.py run")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
+    parser.add_argument(
+        "--runs-per-round",
+        type=int,
+        default=20,
+        help="timed runs per variant and round (default 20)",
+    )
+    return parser.parse_args(argv)
+
+
 def ort_baselines(
     fp32_path: Path, folder: Path, calibration_feeds: list[dict[str, np.ndarray]] | None
 ) -> dict[str, Path]:

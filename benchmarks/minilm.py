@@ -20,7 +20,6 @@ Writes ``docs/benchmarks/minilm.json`` and prints the Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -60,18 +59,9 @@ def cosine_fidelity(output: np.ndarray, reference: np.ndarray) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, help="reuse this finished examples/minilm.py run")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/minilm.json")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
-    parser.add_argument(
-        "--runs-per-round",
-        type=int,
-        default=20,
-        help="timed runs per variant and round (default 20)",
+    args = harness.parse_args(
+        argv, __doc__.split("\n")[0], "minilm", ROOT / "docs/benchmarks/minilm.json"
     )
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
