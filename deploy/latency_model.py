@@ -277,9 +277,8 @@ def _error_pct(entry: dict) -> float | None:
 
 
 def _feeds_for(runner, shapes: list | None = None) -> dict:
-    # Timing depends on shapes and dtypes, not on values. ``shapes`` are those
-    # the run timed with (its manifest's protocol.input_shapes); runs written
-    # before that field existed get batch 1 and 16 positions on other dynamic axes.
+    # Timing depends on shapes and dtypes, not on values. ``shapes`` are the
+    # run's own (protocol.input_shapes in its manifest). Older runs lack them.
     rng = np.random.default_rng(0)
     feeds = {}
     for k, spec in enumerate(runner.session.get_inputs()):
@@ -436,8 +435,8 @@ LAYER_OPS = frozenset(
 def outside_layers_share(op_ms: dict[str, float]) -> float:
     """Return the fraction of ``op_ms`` (operator type -> ms) spent outside ``LAYER_OPS``.
 
-    Attention's activation-by-activation MatMuls count as layer time: their
-    operator type cannot be told apart from a Linear's.
+    Attention's activation-by-activation MatMuls count as layer time, because
+    their operator type is the same as a Linear's.
     """
     total = sum(op_ms.values())
     if total <= 0:

@@ -716,6 +716,7 @@ def _run(
         if "outside_layers_share" not in baseline:
             # What no pass shrinks: the share of the baseline's time spent in
             # operators of no layer, from ONNX Runtime's profiler.
+            # NOTE: measured on this machine, also when the profile is another device's.
             sample = dict(zip(names, [a[:1] for a in validation_set.inputs], strict=True))
             times = op_times(partial / "baseline.onnx", sample, protocol.threads)
             baseline["outside_layers_share"] = outside_layers_share(times)

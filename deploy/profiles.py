@@ -49,7 +49,7 @@ def entry_key(
 ) -> str:
     """Return the lookup key of a latency table entry.
 
-    ``quantization`` tells int8 entries apart: ``dynamic`` ones get a suffix,
+    ``quantization`` separates int8 entries: ``dynamic`` ones get a suffix,
     ``static`` ones (and every entry of another precision) do not, so that
     entries written before the field existed keep their keys.
     """

@@ -84,6 +84,6 @@ def test_measure_dynamic_int8_entry(check_entry):
     check_entry(entry)
     assert entry["quantization"] == "dynamic"
     assert entry["boundary_ms"] == 0.0
-    # A dynamic entry never answers a lookup for a static one, and the other way round.
+    # Dynamic and static int8 entries have different lookup keys.
     static_key = entry_key(**spec.key_fields("int8"))
     assert _key_of(entry) == entry_key(**spec.key_fields("int8", "dynamic")) != static_key

@@ -65,6 +65,7 @@ class QuantizeConfig:
         if self.method not in METHODS:
             raise ValueError(f"quantize method {self.method!r} is not one of {METHODS}")
         if self.reduce_range is None:
+            # NOTE: this machine's CPU decides, not the target device's.
             self.reduce_range = needs_reduce_range()
         if self.calibrate_method not in CALIBRATION_METHODS:
             raise ValueError(

@@ -96,7 +96,7 @@ def test_optimize_factorizes_and_quantizes_minilm(tmp_path, model, make_profile)
     from deploy.pipeline import OptimizeConfig
 
     ids, mask = tokenize(extract_sentences(60), 32)
-    # One rank per layer keeps the run short; low-rank is in the passes
+    # One rank per layer keeps the run short. Low-rank is in the passes
     # because on a CPU where int8 is no faster than fp32, dynamic int8 alone
     # may give the planner nothing faster than the baseline.
     config = OptimizeConfig(
