@@ -2,15 +2,20 @@
 
 A variant's predicted latency is
 
-    overhead + scale x (sum over layers of net(entry) - sum over int8 -> int8 edges of boundary)
+    overhead + scale x (sum over layers of net(entry) - what edges of one layout save)
+        + memory traffic of weights beyond the core's cache
 
 - ``net(entry)`` is the one-layer model's median less ``call_ms``, the cost of
   an empty session call measured beside it: a whole model pays the call once,
   not once per layer.
-- An isolated int8 layer quantizes its input and dequantizes its output, and
-  its entry includes both. Between two consecutive int8 layers ONNX Runtime
-  passes int8 tensors, so each such edge saves the second layer's
-  ``boundary_ms`` (QuantizeLinear and DequantizeLinear on its input).
+- A one-layer model converts its input and output: NCHWc reorders around
+  an fp32 conv, QuantizeLinear, transposes and DequantizeLinear around a
+  static int8 layer. Its entry includes them (``layout_ms``). Inside a
+  model a layer converts only on an edge to a neighbour of another layout,
+  so each edge between two layers of one layout saves half of each one's
+  ``layout_ms`` (``edge_savings``). An EfficientNet-Lite0 variant that
+  alternates int8 pointwise and fp32 depthwise convs pays a conversion on
+  almost every edge; the fp32 baseline on almost none.
 - ``overhead`` and ``scale`` are calibrated per model on the measured fp32
   baseline. ``overhead`` is one session call plus the time the baseline
   spends outside its layers (attention's softmax, normalization, GELU,
@@ -41,6 +46,7 @@ import numpy as np
 
 from deploy.errors import DeployError
 from deploy.measure import LayerSpec
+from exporters.onnx import LAYER_OPS
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +102,8 @@ def interpolate_entry(
     measured neighbours. Outside the measured range it is scaled from the
     nearest one in proportion to multiply-adds. Int8 entries count only if
     they were quantized the same way (``quantization``). The result has ``net_ms``,
-    ``boundary_ms`` (from the nearest entry) and ``interpolated_from``.
+    ``boundary_ms`` and ``layout_ms`` (from the nearest entry) and
+    ``interpolated_from``.
 
     Raises:
         DeployError: no measured entry shares the operator, kernel, option
@@ -134,11 +141,14 @@ def interpolate_entry(
         weight = (target - lower[0]) / (upper[0] - lower[0])
         estimate = lower[1] + weight * (upper[1] - lower[1])
     nearest = min(points, key=lambda p: abs(math.log(max(p[0], 1) / max(target, 1))))
-    return {
+    estimated = {
         "net_ms": max(estimate, 0.0),
         "boundary_ms": float(nearest[2].get("boundary_ms", 0.0)),
         "interpolated_from": len({id(lower), id(upper)}),
     }
+    if "layout_ms" in nearest[2]:
+        estimated["layout_ms"] = min(float(nearest[2]["layout_ms"]), estimated["net_ms"])
+    return estimated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +159,37 @@ class Calibration:
         overhead_ms: time outside the layers: one session call and the
             operators that belong to no layer.
         scale: measured baseline time in the layers over the sum of their
-            net entries.
+            net entries; 1 where ``ms_per_byte`` explains the difference.
         call_ms: the session call alone. Defaults to ``overhead_ms``.
+        cache_bytes: the core's private cache (``device.cache_bytes``), or
+            None. Defaults to None.
+        ms_per_byte: what each byte of layer weights beyond ``cache_bytes``
+            adds. Defaults to 0.
     """
 
     overhead_ms: float
     scale: float
     call_ms: float | None = None
+    cache_bytes: int | None = None
+    ms_per_byte: float = 0.0
+
+    def memory_ms(self, weight_bytes: float) -> float:
+        """Return the memory traffic term for a model of ``weight_bytes`` bytes of layer weights."""
+        if not self.cache_bytes or not self.ms_per_byte:
+            return 0.0
+        return self.ms_per_byte * max(weight_bytes - self.cache_bytes, 0.0)
+
+
+def weight_bytes(entry: dict) -> float:
+    """Return the bytes of weights of an entry's layer: 1 per int8 weight, 4 per fp32 one."""
+    weight = entry.get("weight_shape")
+    if not weight:
+        return 0.0
+    count = math.prod(weight)
+    if entry.get("option", "dense").startswith("lowrank:"):
+        rank = int(entry["option"].split(":")[1])
+        count = rank * (math.prod(weight[1:]) + weight[0])
+    return float(count) * (1 if entry.get("precision") == "int8" else 4)
 
 
 def calibrate(
@@ -164,12 +198,23 @@ def calibrate(
     call_ms: float,
     warn: bool = True,
     outside_share: float = 0.0,
+    weight_bytes: float | None = None,
+    cache_bytes: int | None = None,
 ) -> Calibration:
     """Fit the calibration to a baseline measured at ``baseline_ms`` whose net entries sum to ``layers_ms``.
 
     ``outside_share`` is the fraction of the baseline's time past the session
     call spent in operators of no layer (``outside_layers_share``); it joins
     the overhead.
+
+    A one-layer entry runs with its weights in the core's cache. A model
+    whose layer weights (``weight_bytes``) exceed the cache (``cache_bytes``)
+    streams the rest from memory on every call. Where both are given, the
+    baseline's weights exceed the cache and its layers run slower than
+    their entries add up to, that difference is charged per byte beyond the
+    cache (``ms_per_byte``) and the scale stays 1: a variant whose weights
+    fit pays none of it. Otherwise the scale maps the entries onto the
+    baseline.
 
     The scale is clipped to [0.5, 2], with a warning unless ``warn`` is False. A scale outside that
     range came from load on the machine (the baseline was timed while other
@@ -181,7 +226,12 @@ def calibrate(
     overhead = call + share * (baseline_ms - call)
     if layers_ms <= 0:
         return Calibration(max(baseline_ms, 0.0), 1.0, call)
-    scale = max(baseline_ms - overhead, 0.0) / layers_ms
+    rest = max(baseline_ms - overhead, 0.0)
+    if cache_bytes and weight_bytes and weight_bytes > cache_bytes and rest > layers_ms:
+        per_byte = (rest - layers_ms) / (weight_bytes - cache_bytes)
+        if rest <= MAX_SCALE * layers_ms:
+            return Calibration(overhead, 1.0, call, cache_bytes, per_byte)
+    scale = rest / layers_ms
     if not MIN_SCALE <= scale <= MAX_SCALE and warn:
         logger.warning(
             "the fp32 baseline took %.3f ms but its layers' latency table entries add up to "
@@ -206,21 +256,98 @@ class Prediction:
         overhead_ms: the per-model overhead it includes.
         scale: the per-model scale applied to every net entry.
         layers_ms: the sum of the layers' scaled net entries.
-        int8_edges_ms: what consecutive int8 layers save, scaled.
+        edges_ms: what edges between layers of one layout save, scaled
+            (conversions the one-layer entries include; see ``edge_savings``).
         interpolated: layers whose entry was interpolated, not measured.
         call_ms: the session call within ``overhead_ms``.
+        memory_ms: the memory traffic of weights beyond the core's cache
+            (``Calibration.memory_ms``).
+        weight_bytes: the layers' weights, in bytes.
     """
 
     latency_ms: float
     overhead_ms: float
     scale: float
     layers_ms: float
-    int8_edges_ms: float
+    edges_ms: float
     interpolated: list[str]
     call_ms: float | None = None
+    memory_ms: float = 0.0
+    weight_bytes: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainLayer:
+    """One layer of a model in run order, as ``edge_savings`` reads it."""
+
+    name: str
+    input_from: str | None
+    passthrough: bool
+
+
+def layout(entry: dict) -> str:
+    """Return the tensor layout a layer of ``entry`` reads and writes inside ONNX Runtime's CPU graph.
+
+    ``int8``: static QDQ int8, uint8 NHWC tensors; ``nchwc``: an fp32 conv in
+    ONNX Runtime's blocked layout; ``plain``: float NCHW or row-major, which
+    an fp32 Linear and a dynamically quantized layer read.
+    """
+    if entry.get("precision") == "int8" and entry.get("quantization", "static") == "static":
+        return "int8"
+    if entry.get("precision") == "fp32" and entry.get("op") == "conv2d":
+        return "nchwc"
+    return "plain"
+
+
+def plan_entries(chain, plan_layers: dict, costs) -> list[dict]:
+    """Return the entry behind each layer of a plan, in run order (see ``edge_savings``)."""
+    entries = []
+    keep = 1.0
+    for layer in chain:
+        option = plan_layers[layer.name]
+        in_keep = keep if layer.input_from is not None else 1.0
+        entries.append(costs.entry_for(layer.name, in_keep, option))
+        keep = in_keep if layer.passthrough else option.keep
+    return entries
+
+
+def edge_savings(chain, plan_layers: dict, costs) -> tuple[float, list[str]]:
+    """Return what the edges of a plan save against the sum of its layers' entries, in ms, unscaled.
+
+    A one-layer entry converts its input and its output (``layout_ms``): an
+    fp32 conv reorders to NCHWc and back, an int8 layer quantizes and
+    transposes. Inside a model a layer converts on an edge only where the
+    neighbour there has another layout. The model's input and output count
+    as ``plain``, and each side costs half of the layer's ``layout_ms``. Entries measured
+    before ``layout_ms`` existed fall back to ``boundary_ms``, saved on each
+    int8 -> int8 edge. Also returns the layers whose entry was interpolated.
+
+    Args:
+        chain: the layers in run order, each with ``name``, ``input_from``
+            (None for a layer whose input is never pruned) and
+            ``passthrough``; the planner's ``LayerChoices`` qualify.
+        plan_layers: layer name -> ``Option``.
+        costs: the ``CostTable`` behind the plan's latencies.
+    """
+    chain = list(chain)
+    entries = plan_entries(chain, plan_layers, costs)
+    interpolated = [
+        layer.name
+        for layer, entry in zip(chain, entries, strict=True)
+        if entry.get("interpolated_from")
+    ]
+    layouts = ["plain", *(layout(e) for e in entries), "plain"]
+    saved = 0.0
+    for k, entry in enumerate(entries):
+        if "layout_ms" in entry:
+            same = (layouts[k] == layouts[k + 1]) + (layouts[k + 2] == layouts[k + 1])
+            saved += float(entry["layout_ms"]) * same / 2
+        elif k and layouts[k] == layouts[k + 1] == "int8":
+            saved += float(entry.get("boundary_ms", 0.0))
+    return saved, interpolated
 
 
 def predict_plan(choices, plan_layers: dict, calibration: Calibration | float, costs) -> Prediction:
@@ -238,24 +365,18 @@ def predict_plan(choices, plan_layers: dict, calibration: Calibration | float, c
     """
     if not isinstance(calibration, Calibration):
         calibration = Calibration(float(calibration), 1.0)
-    layers_ms = edges_ms = 0.0
-    interpolated = []
+    layers_ms = 0.0
     keep = 1.0
-    previous_int8 = False
     for layer in choices:
         option = plan_layers[layer.name]
         in_keep = keep if layer.input_from is not None else 1.0
         layers_ms += layer.latency_ms[(in_keep, option)]
-        entry = costs.entry_for(layer.name, in_keep, option)
-        if entry.get("interpolated_from"):
-            interpolated.append(layer.name)
-        int8 = option.precision == "int8"
-        if int8 and previous_int8:
-            edges_ms += float(entry.get("boundary_ms", 0.0))
-        previous_int8 = int8
         keep = in_keep if layer.passthrough else option.keep
-    edges_ms *= calibration.scale
-    latency = calibration.overhead_ms + max(layers_ms - edges_ms, 0.0)
+    saved, interpolated = edge_savings(choices, plan_layers, costs)
+    edges_ms = saved * calibration.scale
+    weights = sum(weight_bytes(e) for e in plan_entries(choices, plan_layers, costs))
+    memory = calibration.memory_ms(weights)
+    latency = calibration.overhead_ms + max(layers_ms - edges_ms, 0.0) + memory
     call = calibration.overhead_ms if calibration.call_ms is None else calibration.call_ms
     return Prediction(
         latency,
@@ -265,6 +386,8 @@ def predict_plan(choices, plan_layers: dict, calibration: Calibration | float, c
         edges_ms,
         interpolated,
         call,
+        memory,
+        weights,
     )
 
 
@@ -314,13 +437,13 @@ def retime_run(run_dir: Path, manifest: dict, names: list[str], rounds: int) -> 
     )
     artifacts = {"baseline": manifest["baseline"]["artifact"]}
     artifacts.update({v["name"]: v["artifact"] for v in manifest["variants"] if v["name"] in names})
-    runners = {name: OnnxRunner(run_dir / path, timing.threads) for name, path in artifacts.items()}
     shapes = protocol.get("input_shapes")
-    feeds = {name: _feeds_for(runner, shapes) for name, runner in runners.items()}
-    samples: dict[str, list[float]] = {name: [] for name in runners}
+    samples: dict[str, list[float]] = {name: [] for name in artifacts}
     for _ in range(rounds):
-        for name, runner in runners.items():
-            samples[name].append(runner.time(feeds[name], timing).p50)
+        # A fresh session each round, as in the run's own side-by-side timing.
+        for name, path in artifacts.items():
+            runner = OnnxRunner(run_dir / path, timing.threads)
+            samples[name].append(runner.time(_feeds_for(runner, shapes), timing).p50)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -411,32 +534,12 @@ def check_run(run_dir: str | Path, retime_rounds: int = 0) -> dict:
     }
 
 
-# Operator types of ONNX Runtime's optimized CPU graphs that compute a Conv2d
-# or Linear layer; time in every other operator is outside the layers.
-LAYER_OPS = frozenset(
-    {
-        "Conv",
-        "FusedConv",
-        "ConvInteger",
-        "QLinearConv",
-        "Gemm",
-        "FusedGemm",
-        "QGemm",
-        "MatMul",
-        "FusedMatMul",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "QLinearMatMul",
-    }
-)
-
-
 def outside_layers_share(op_ms: dict[str, float]) -> float:
     """Return the fraction of ``op_ms`` (operator type -> ms) spent outside ``LAYER_OPS``.
 
     Attention's activation-by-activation MatMuls count as layer time, because
-    their operator type is the same as a Linear's.
+    their operator type is the same as a Linear's. Take the profiler's own
+    cost off first (``exporters.onnx.unprofiled_op_times``).
     """
     total = sum(op_ms.values())
     if total <= 0:

@@ -11,7 +11,18 @@ one-layer model pays but a layer inside a whole model does not:
   input, less ``call_ms``. An isolated int8 layer pays it, but consecutive
   int8 layers pass int8 tensors to each other.
 
-Energy is read around the timed loop when the profile names a readable
+``layout_ms`` is what the one-layer model spends in operators other than the
+layer's own (``exporters.onnx.LAYER_OPS``), from ONNX Runtime's profiler:
+NCHWc reorders around an fp32 conv, QuantizeLinear, transposes and
+DequantizeLinear around an int8 one.
+
+Each model is timed in ``SESSIONS`` fresh ONNX Runtime sessions and the
+median of their medians is kept. One session of a model of a few
+microseconds runs in one of two modes for its whole life, 3-5 us apart
+(seen on an Intel Xeon with AVX-512 and ONNX Runtime 1.32), so a single
+session's median is off by that much at random.
+
+Energy is read around the timed loops when the profile names a readable
 counter, and otherwise estimated from the declared active watts.
 """
 
@@ -30,8 +41,30 @@ from torch import nn
 
 from deploy.passes.lowrank import factorize
 from deploy.power import EnergyReader, energy_fields, measure_energy
-from exporters.onnx import OnnxRunner, onnx_from_torch, quantize_onnx
-from exporters.timing import TimingProtocol
+from exporters.onnx import (
+    LAYER_OPS,
+    OnnxRunner,
+    onnx_from_torch,
+    op_profile,
+    quantize_onnx,
+    unprofiled_op_times,
+)
+from exporters.timing import Latency, TimingProtocol
+
+SESSIONS = 3
+
+
+def time_sessions(
+    path: Path, feeds: dict[str, np.ndarray], protocol: TimingProtocol, sessions: int = SESSIONS
+) -> Latency:
+    """Time ``path`` in ``sessions`` fresh sessions; return the medians of their p50 and p90."""
+    timed = [OnnxRunner(path, protocol.threads).time(feeds, protocol) for _ in range(sessions)]
+    return Latency(
+        p50=float(np.median([t.p50 for t in timed])),
+        p90=float(np.median([t.p90 for t in timed])),
+        runs=sum(t.runs for t in timed),
+        cold_ms=timed[0].cold_ms,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +171,13 @@ def _time_reference(
     path = workdir / ("qdq.onnx" if quantize else "identity.onnx")
     onnx.save(_reference_model(input_shape, quantize), str(path))
     feeds = {"x": np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)}
-    return OnnxRunner(path, protocol.threads).time(feeds, protocol).p50
+    return time_sessions(path, feeds, protocol).p50
+
+
+def session_call_ms(input_shape: tuple[int, ...], protocol: TimingProtocol) -> float:
+    """Return the median latency of an Identity model on ``input_shape``: one session call."""
+    with tempfile.TemporaryDirectory(prefix="deploy-measure-") as workdir:
+        return _time_reference(Path(workdir), tuple(input_shape), False, protocol)
 
 
 def measure_spec(
@@ -192,16 +231,19 @@ def measure_spec(
             raise ValueError(
                 f"precision {precision!r} cannot be measured with ONNX Runtime on the CPU"
             )
-        runner = OnnxRunner(path, protocol.threads)
         feeds = {"x": example.numpy()}
         timed = {}
         measured_mj, _ = measure_energy(
             reader,
-            lambda: timed.setdefault("latency", runner.time(feeds, protocol)),
-            protocol.warmup + protocol.runs,
+            lambda: timed.setdefault("latency", time_sessions(path, feeds, protocol)),
+            SESSIONS * (protocol.warmup + protocol.runs),
         )
         latency = timed["latency"]
         call_ms = _time_reference(Path(workdir), spec.input_shape, False, protocol)
+        ops = unprofiled_op_times(
+            op_profile(path, feeds, protocol.threads), max(latency.p50 - call_ms, 0.0)
+        )
+        layout_ms = sum(ms for op, ms in ops.items() if op not in LAYER_OPS)
         boundary_ms = None
         if precision == "int8" and quantization == "static":
             qdq_ms = _time_reference(Path(workdir), spec.input_shape, True, protocol)
@@ -220,6 +262,7 @@ def measure_spec(
         "p90_ms": latency.p90,
         "runs": latency.runs,
         "call_ms": call_ms,
+        "layout_ms": layout_ms,
     }
     if boundary_ms is not None:
         entry["boundary_ms"] = boundary_ms

@@ -40,11 +40,16 @@ from deploy.data import Dataset, dataset_from_arrays, load_data
 from deploy.errors import DeployError
 from deploy.finetune import FinetuneConfig, distill
 from deploy.latency_model import (
+    ChainLayer,
     calibrate,
+    edge_savings,
     outside_layers_share,
+    plan_entries,
     predict_plan,
     rescale_prediction,
+    weight_bytes,
 )
+from deploy.measure import session_call_ms
 from deploy.models import load_model
 from deploy.passes.lowrank import LowRankConfig, apply_lowrank
 from deploy.passes.prune import PruneConfig, apply_prune, prunable_layers
@@ -54,6 +59,7 @@ from deploy.power import latency_budgets_from_energy, variant_energy
 from deploy.profiles import (
     DEFAULT_PROFILE,
     DeviceProfile,
+    core_cache_bytes,
     load_profile,
     local_profile_matches,
     new_local_profile,
@@ -73,8 +79,9 @@ from exporters.onnx import (
     OnnxRunner,
     nodes_of_module,
     onnx_from_torch,
-    op_times,
+    op_profile,
     quantize_onnx,
+    unprofiled_op_times,
 )
 
 logger = logging.getLogger(__name__)
@@ -718,8 +725,13 @@ def _run(
             # operators of no layer, from ONNX Runtime's profiler.
             # NOTE: measured on this machine, also when the profile is another device's.
             sample = dict(zip(names, [a[:1] for a in validation_set.inputs], strict=True))
-            times = op_times(partial / "baseline.onnx", sample, protocol.threads)
-            baseline["outside_layers_share"] = outside_layers_share(times)
+            ops = op_profile(partial / "baseline.onnx", sample, protocol.threads)
+            run_ms = baseline["latency_ms"]["p50"] - session_call_ms(
+                validation_set.inputs[0][:1].shape, protocol
+            )
+            baseline["outside_layers_share"] = outside_layers_share(
+                unprofiled_op_times(ops, run_ms)
+            )
             _save_json(partial / "baseline.json", baseline)
         logger.info(
             "    baseline p50 %.3f ms, accuracy %s, %.1f%% of its time outside the layers",
@@ -954,7 +966,11 @@ def _plan(
             costs.reused,
         )
         dense = Option("dense", "fp32")
-        layer_sum = sum(latency[(x.name, 1.0, dense)] for x in layers)
+        chain = [ChainLayer(x.name, input_from.get(x.name), x.name in passthrough) for x in layers]
+        base_plan = {x.name: dense for x in layers}
+        saved, _ = edge_savings(chain, base_plan, costs)
+        base_weights = sum(weight_bytes(e) for e in plan_entries(chain, base_plan, costs))
+        layer_sum = sum(latency[(x.name, 1.0, dense)] for x in layers) - saved
         call_ms = statistics.median(
             costs.entry_for(x.name, 1.0, dense).get("call_ms", 0.0) for x in layers
         )
@@ -963,6 +979,9 @@ def _plan(
             layer_sum,
             call_ms,
             outside_share=baseline.get("outside_layers_share", 0.0),
+            weight_bytes=base_weights,
+            cache_bytes=profile.data["device"].get("cache_bytes")
+            or (core_cache_bytes() if local_profile_matches(profile) else None),
         )
         latency = {key: value * fit.scale for key, value in latency.items()}
         layer_sum *= fit.scale
@@ -1029,7 +1048,7 @@ def _plan(
         )
     return {
         "overhead_ms": overhead,
-        "baseline_predicted_ms": overhead + layer_sum,
+        "baseline_predicted_ms": overhead + layer_sum + fit.memory_ms(base_weights),
         "plans": [p.to_dict() for p in plans],
     }
 

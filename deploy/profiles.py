@@ -299,6 +299,28 @@ def memory_bytes() -> int | None:
     return None
 
 
+def core_cache_bytes(
+    cpu: int = 0, root: str | os.PathLike = "/sys/devices/system/cpu"
+) -> int | None:
+    """Return the size of the largest cache private to CPU ``cpu`` (on x86 its L2), from sysfs."""
+    sizes = []
+    for folder in Path(root, f"cpu{cpu}", "cache").glob("index*"):
+        try:
+            if (folder / "type").read_text().strip() == "Instruction":
+                continue
+            if (folder / "shared_cpu_list").read_text().strip() != str(cpu):
+                continue
+            text = (folder / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+        if text[-1:] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes) if sizes else None
+
+
 def new_local_profile(name: str, threads: int = 1) -> DeviceProfile:
     """Return an empty profile describing this machine with ONNX Runtime's CPU execution provider."""
     import onnxruntime
@@ -317,6 +339,7 @@ def new_local_profile(name: str, threads: int = 1) -> DeviceProfile:
             "gpu_model": None,
             "cores": os.cpu_count(),
             "memory_bytes": memory_bytes(),
+            "cache_bytes": core_cache_bytes(),
             "os": f"{platform.system()} {platform.release()}",
             "architecture": platform.machine(),
         },

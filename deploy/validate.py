@@ -242,20 +242,21 @@ def time_side_by_side(
 
     Each round times every artifact once with ``ceil(protocol.runs / rounds)``
     runs after its own warm-up, starting one artifact later than the round before,
-    so that all of them see the same machine load. Returns, per name, ``p50``
-    and ``p90`` (medians over the rounds), ``runs`` (timed runs in all) and
-    ``rounds``.
+    so that all of them see the same machine load. Every round opens a fresh
+    session: a session of a small model keeps one of two speeds for its life
+    (see ``deploy.measure``), and the median over rounds spans both. Returns,
+    per name, ``p50`` and ``p90`` (medians over the rounds), ``runs`` (timed
+    runs in all) and ``rounds``.
     """
     per_round = dataclasses.replace(protocol, runs=max(math.ceil(protocol.runs / rounds), 1))
     sample = [a[:1] for a in data.inputs]
-    runners = {name: OnnxRunner(path, protocol.threads) for name, path in artifacts.items()}
-    names = list(runners)
+    names = list(artifacts)
     p50s: dict[str, list[float]] = {name: [] for name in names}
     p90s: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            runner = runners[name]
+            runner = OnnxRunner(artifacts[name], protocol.threads)
             latency = runner.time(_feeds(runner, sample), per_round)
             p50s[name].append(latency.p50)
             p90s[name].append(latency.p90)

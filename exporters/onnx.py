@@ -529,15 +529,52 @@ class OnnxRunner:
         return time_callable(lambda: self.session.run(None, feeds), protocol)
 
 
-def op_times(
+# Operator types of ONNX Runtime's optimized CPU graphs that compute a Conv2d
+# or Linear layer; every other operator converts, reshapes or normalizes.
+LAYER_OPS = frozenset(
+    {
+        "Conv",
+        "FusedConv",
+        "ConvInteger",
+        "QLinearConv",
+        "Gemm",
+        "FusedGemm",
+        "QGemm",
+        "MatMul",
+        "FusedMatMul",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QLinearMatMul",
+    }
+)
+
+
+def unprofiled_op_times(ops: dict[str, tuple[float, int]], run_ms: float) -> dict[str, float]:
+    """Return ``op_profile``'s times with the profiler's own cost per node taken off.
+
+    The profiler adds to every node what recording it costs, 1-2 us on a fast
+    CPU: most of a MaxPool or a Reorder in a small model. The excess of the
+    profiled nodes over ``run_ms`` (the model's time per run without the
+    profiler, less the session call) is split evenly between the nodes.
+    """
+    total = sum(ms for ms, _ in ops.values())
+    nodes = sum(n for _, n in ops.values())
+    excess = max(total - run_ms, 0.0) / nodes if nodes else 0.0
+    return {op: max(ms - excess * n, 0.0) for op, (ms, n) in ops.items()}
+
+
+def op_profile(
     path: str | os.PathLike, feeds: dict[str, np.ndarray], threads: int = 1, runs: int = 20
-) -> dict[str, float]:
-    """Return the median time per run of each operator type in ``path``, in ms.
+) -> dict[str, tuple[float, int]]:
+    """Return, per operator type in ``path``, its median time per run in ms and its nodes per run.
 
     The model runs ``runs`` warm-up runs, then ``runs`` profiled ones, under
     ONNX Runtime's profiler with the same graph optimizations as
     ``OnnxRunner``. The operator types are those of the optimized graph,
-    fused nodes included (``FusedConv``, ``FusedGemm``).
+    fused nodes included (``FusedConv``, ``FusedGemm``). Each node's time
+    includes what recording it costs the profiler (see
+    ``deploy.latency_model.outside_layers_share``).
     """
     import json
 
@@ -552,6 +589,7 @@ def op_times(
         if e.get("cat") == "Session" and e.get("name") == "model_run"
     ][-runs:]
     per_run: list[dict[str, float]] = [{} for _ in windows]
+    nodes: list[dict[str, int]] = [{} for _ in windows]
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
@@ -559,6 +597,20 @@ def op_times(
         for k, (start, end) in enumerate(windows):
             if start <= event["ts"] <= end:
                 per_run[k][op] = per_run[k].get(op, 0.0) + event["dur"] / 1000.0
+                nodes[k][op] = nodes[k].get(op, 0) + 1
                 break
     ops = {op for run in per_run for op in run}
-    return {op: float(np.median([run.get(op, 0.0) for run in per_run])) for op in ops}
+    return {
+        op: (
+            float(np.median([run.get(op, 0.0) for run in per_run])),
+            int(np.median([run.get(op, 0) for run in nodes])),
+        )
+        for op in ops
+    }
+
+
+def op_times(
+    path: str | os.PathLike, feeds: dict[str, np.ndarray], threads: int = 1, runs: int = 20
+) -> dict[str, float]:
+    """Return the median time per run of each operator type in ``path``, in ms (see ``op_profile``)."""
+    return {op: ms for op, (ms, _) in op_profile(path, feeds, threads, runs).items()}

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from deploy.measure import LayerSpec, measure_spec
+from deploy.measure import SESSIONS, LayerSpec, measure_spec
 from deploy.profiles import validate_profile
 from exporters.timing import TimingProtocol
 
@@ -45,7 +45,15 @@ def test_entry_has_fields(entry):
 
 
 def test_entry_runs_from_protocol(entry):
-    assert entry["runs"] == PROTOCOL.runs
+    # Every session times the protocol's runs.
+    assert entry["runs"] == SESSIONS * PROTOCOL.runs
+
+
+def test_entry_layout_within_latency(entry):
+    assert 0.0 <= entry["layout_ms"] <= entry["p50_ms"]
+    if entry["precision"] == "int8":
+        # QuantizeLinear and DequantizeLinear around the int8 conv.
+        assert entry["layout_ms"] > 0.0
 
 
 def test_entry_p50_below_p90(entry):

@@ -303,7 +303,11 @@ def test_predict_plan_int8_chain_pays_boundary_once():
                 {o: 0 for o in options},
             )
         )
-    entries = {(n, p): {"boundary_ms": 0.25} for n in names for p in ("fp32", "int8")}
+    entries = {
+        (n, p): {"op": "linear", "precision": p, "boundary_ms": 0.25}
+        for n in names
+        for p in ("fp32", "int8")
+    }
     plan = {
         "a": Option("dense", "int8"),
         "b": Option("dense", "int8"),
@@ -312,7 +316,7 @@ def test_predict_plan_int8_chain_pays_boundary_once():
     prediction = predict_plan(choices, plan, 0.5, _StubCosts(entries))
     # 0.5 overhead + 3 x 1.0 layers - one int8 -> int8 edge (a -> b).
     assert prediction.latency_ms == pytest.approx(3.25)
-    assert prediction.int8_edges_ms == pytest.approx(0.25)
+    assert prediction.edges_ms == pytest.approx(0.25)
     assert prediction.interpolated == []
 
 
@@ -322,7 +326,9 @@ def test_predict_plan_scales_edges():
         LayerChoices(n, None, False, options, {(1.0, options[0]): 2.0}, {options[0]: 0})
         for n in ("a", "b")
     ]
-    entries = {(n, "int8"): {"boundary_ms": 0.5} for n in ("a", "b")}
+    entries = {
+        (n, "int8"): {"op": "linear", "precision": "int8", "boundary_ms": 0.5} for n in ("a", "b")
+    }
     plan = {n: options[0] for n in ("a", "b")}
     prediction = predict_plan(choices, plan, Calibration(0.1, 0.8), _StubCosts(entries))
     # Choices are already scaled; the edge saving is scaled here: 0.1 + 4.0 - 0.8 x 0.5.
@@ -517,3 +523,89 @@ def test_retime_feeds_run_shapes(tmp_path):
     runner = OnnxRunner(tmp_path / "m.onnx", 1)
     assert _feeds_for(runner, [[3, 4]])["input"].shape == (3, 4)
     assert _feeds_for(runner)["input"].shape == (1, 4)
+
+
+def test_unprofiled_op_times_splits_excess():
+    from exporters.onnx import unprofiled_op_times
+
+    # 10 nodes recorded 1.2 ms in all, the model runs in 1.0 ms: 0.02 ms per node.
+    ops = {"Conv": (1.0, 2), "MaxPool": (0.1, 4), "Flatten": (0.1, 4)}
+    times = unprofiled_op_times(ops, run_ms=1.0)
+    assert times["Conv"] == pytest.approx(0.96)
+    assert times["MaxPool"] == pytest.approx(0.02)
+    assert sum(times.values()) == pytest.approx(1.0)
+    # A profile faster than the plain run is left as it is.
+    assert unprofiled_op_times(ops, run_ms=5.0)["Conv"] == pytest.approx(1.0)
+
+
+def _layout_entry(op, precision, net, layout_ms):
+    return {"op": op, "precision": precision, "p50_ms": net, "layout_ms": layout_ms}
+
+
+def test_edge_savings_by_layout():
+    from deploy.latency_model import ChainLayer, edge_savings
+
+    chain = [ChainLayer(n, None, False) for n in ("a", "b", "c", "d")]
+    fp32, int8 = Option("dense", "fp32"), Option("dense", "int8")
+    entries = {
+        (n, p): _layout_entry("conv2d", p, 1.0, 0.4) for n in "abcd" for p in ("fp32", "int8")
+    }
+    costs = _StubCosts(entries)
+    # All fp32: the three inner edges save half a layout on each side.
+    saved, _ = edge_savings(chain, dict(zip("abcd", [fp32] * 4, strict=True)), costs)
+    assert saved == pytest.approx(6 * 0.2)
+    # fp32, int8, int8, fp32: only the b -> c edge is between one layout.
+    plan = dict(zip("abcd", [fp32, int8, int8, fp32], strict=True))
+    saved, _ = edge_savings(chain, plan, costs)
+    assert saved == pytest.approx(2 * 0.2)
+    # Alternating layouts convert on every edge.
+    plan = dict(zip("abcd", [fp32, int8, fp32, int8], strict=True))
+    assert edge_savings(chain, plan, costs)[0] == 0.0
+
+
+def test_weight_bytes_by_option_and_precision():
+    from deploy.latency_model import weight_bytes
+
+    dense = {"weight_shape": [64, 32, 3, 3], "option": "dense", "precision": "fp32"}
+    assert weight_bytes(dense) == 64 * 32 * 9 * 4
+    assert weight_bytes({**dense, "precision": "int8"}) == 64 * 32 * 9
+    lowrank = {**dense, "option": "lowrank:8"}
+    assert weight_bytes(lowrank) == 8 * (32 * 9 + 64) * 4
+
+
+def test_calibrate_charges_weights_beyond_cache():
+    # Layers add up to 0.8 ms but the baseline spends 1.0 ms in them with
+    # 3 MB of weights and a 2 MB cache: 0.2 ms per MB beyond the cache.
+    mb = 1_000_000
+    calibration = calibrate(
+        baseline_ms=1.0, layers_ms=0.8, call_ms=0.0, weight_bytes=3 * mb, cache_bytes=2 * mb
+    )
+    assert calibration.scale == 1.0
+    assert calibration.memory_ms(3 * mb) == pytest.approx(0.2)
+    assert calibration.memory_ms(2.5 * mb) == pytest.approx(0.1)
+    assert calibration.memory_ms(1 * mb) == 0.0
+    # Weights that fit the cache: the scale maps the entries instead.
+    fits = calibrate(
+        baseline_ms=1.0, layers_ms=0.8, call_ms=0.0, weight_bytes=1 * mb, cache_bytes=2 * mb
+    )
+    assert fits.scale == pytest.approx(1.25)
+    assert fits.memory_ms(3 * mb) == 0.0
+
+
+def test_core_cache_bytes_reads_private_cache(tmp_path):
+    from deploy.profiles import core_cache_bytes
+
+    caches = {
+        "index0": ("Data", "48K", "0"),
+        "index1": ("Instruction", "64K", "0"),
+        "index2": ("Unified", "2048K", "0"),
+        "index3": ("Unified", "491520K", "0-1"),
+    }
+    for name, (kind, size, shared) in caches.items():
+        folder = tmp_path / "cpu0" / "cache" / name
+        folder.mkdir(parents=True)
+        (folder / "type").write_text(kind + "\n")
+        (folder / "size").write_text(size + "\n")
+        (folder / "shared_cpu_list").write_text(shared + "\n")
+    assert core_cache_bytes(0, tmp_path) == 2048 * 1024
+    assert core_cache_bytes(1, tmp_path) is None
