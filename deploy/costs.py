@@ -188,8 +188,25 @@ class CostTable:
         return net_ms(self.entry(spec, precision))
 
     def entry_for(self, layer: str, in_keep: float, option: Option) -> dict:
-        """Return the entry behind ``layer_options``' latency of (layer, input keep, option)."""
-        return self.entry(self.specs[(layer, in_keep, option)], option.precision)
+        """Return the entry behind ``layer_options``' latency of (layer, input keep, option).
+
+        An option the layer was not offered at this precision (a float-only
+        layer that ONNX Runtime quantizes anyway) takes the shapes of the same
+        structural option at another precision.
+        """
+        spec = self.specs.get((layer, in_keep, option))
+        if spec is None:
+            spec = next(
+                (
+                    found
+                    for (name, keep, other), found in self.specs.items()
+                    if name == layer and keep == in_keep and other.struct == option.struct
+                ),
+                None,
+            )
+        if spec is None:
+            raise KeyError(f"no latency was looked up for {layer} with {option}")
+        return self.entry(spec, option.precision)
 
     def flush(self) -> None:
         if self.profile.path is not None and self.measured:

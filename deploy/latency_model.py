@@ -12,8 +12,8 @@ A variant's predicted latency is
   an fp32 conv, QuantizeLinear, transposes and DequantizeLinear around a
   static int8 layer. Its entry includes them (``layout_ms``). Inside a
   model a layer converts only on an edge to a neighbour of another layout,
-  so each edge between two layers of one layout saves half of each one's
-  ``layout_ms`` (``edge_savings``). An EfficientNet-Lite0 variant that
+  so each edge between two layers of one layout saves the output side of
+  the first and the input side of the second (``edge_savings``). An EfficientNet-Lite0 variant that
   alternates int8 pointwise and fp32 depthwise convs pays a conversion on
   almost every edge; the fp32 baseline on almost none.
 - ``overhead`` and ``scale`` are calibrated per model on the measured fp32
@@ -25,6 +25,11 @@ A variant's predicted latency is
   absorbs what one-layer models do not show: ONNX Runtime fuses activations
   into the layers and keeps the NCHWc layout between consecutive convs, so a
   layer runs faster inside a model than alone.
+
+A plan is priced as ONNX Runtime will run it. With static QDQ int8, ONNX
+Runtime quantizes a float Conv or Gemm that sits directly between two int8
+layers when it loads the file (``runtime_int8``), so such a layer is priced
+with its int8 entry.
 
 Where an entry is missing and cannot be measured (a profile of another
 device), its net latency is interpolated in multiply-adds between measured
@@ -52,6 +57,11 @@ logger = logging.getLogger(__name__)
 
 WITHIN = 0.10
 MIN_SCALE, MAX_SCALE = 0.5, 2.0
+# The share of the core's private cache that holds a model's weights; the
+# rest holds activations and everything else. NOTE: an estimate, chosen on
+# the digits CNN on one Xeon (docs/benchmarks.md), where half of the 2 MB L2
+# put 6 of 9 variants within 10% and the whole L2 put 3.
+WEIGHT_CACHE_SHARE = 0.5
 
 
 def net_ms(entry: dict) -> float:
@@ -165,6 +175,9 @@ class Calibration:
             None. Defaults to None.
         ms_per_byte: what each byte of layer weights beyond ``cache_bytes``
             adds. Defaults to 0.
+        int8_scale: how much slower int8 layers run inside the model than
+            their entries say, on top of ``scale``, fitted on the baseline
+            quantized whole (``fit_int8_scale``). Defaults to 1.
     """
 
     overhead_ms: float
@@ -172,6 +185,7 @@ class Calibration:
     call_ms: float | None = None
     cache_bytes: int | None = None
     ms_per_byte: float = 0.0
+    int8_scale: float = 1.0
 
     def memory_ms(self, weight_bytes: float) -> float:
         """Return the memory traffic term for a model of ``weight_bytes`` bytes of layer weights."""
@@ -208,8 +222,9 @@ def calibrate(
     the overhead.
 
     A one-layer entry runs with its weights in the core's cache. A model
-    whose layer weights (``weight_bytes``) exceed the cache (``cache_bytes``)
-    streams the rest from memory on every call. Where both are given, the
+    whose layer weights (``weight_bytes``) exceed their share of the cache
+    (``WEIGHT_CACHE_SHARE`` of ``cache_bytes``) streams the rest from memory
+    on every call. Where both are given, the
     baseline's weights exceed the cache and its layers run slower than
     their entries add up to, that difference is charged per byte beyond the
     cache (``ms_per_byte``) and the scale stays 1: a variant whose weights
@@ -223,6 +238,8 @@ def calibrate(
     """
     call = min(max(call_ms, 0.0), baseline_ms)
     share = min(max(outside_share, 0.0), 1.0)
+    if cache_bytes:
+        cache_bytes = int(cache_bytes * WEIGHT_CACHE_SHARE)
     overhead = call + share * (baseline_ms - call)
     if layers_ms <= 0:
         return Calibration(max(baseline_ms, 0.0), 1.0, call)
@@ -263,6 +280,10 @@ class Prediction:
         memory_ms: the memory traffic of weights beyond the core's cache
             (``Calibration.memory_ms``).
         weight_bytes: the layers' weights, in bytes.
+        runtime_int8: float layers of the plan that ONNX Runtime runs in
+            int8 (``runtime_int8``), priced as int8.
+        int8_scale: ``Calibration.int8_scale``, applied to the int8 layers
+            within ``layers_ms`` and ``edges_ms``.
     """
 
     latency_ms: float
@@ -274,6 +295,8 @@ class Prediction:
     call_ms: float | None = None
     memory_ms: float = 0.0
     weight_bytes: float = 0.0
+    runtime_int8: list[str] = dataclasses.field(default_factory=list)
+    int8_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -314,16 +337,21 @@ def plan_entries(chain, plan_layers: dict, costs) -> list[dict]:
     return entries
 
 
-def edge_savings(chain, plan_layers: dict, costs) -> tuple[float, list[str]]:
+def edge_savings(
+    chain, plan_layers: dict, costs, int8_scale: float = 1.0
+) -> tuple[float, list[str]]:
     """Return what the edges of a plan save against the sum of its layers' entries, in ms, unscaled.
 
     A one-layer entry converts its input and its output (``layout_ms``): an
     fp32 conv reorders to NCHWc and back, an int8 layer quantizes and
     transposes. Inside a model a layer converts on an edge only where the
     neighbour there has another layout. The model's input and output count
-    as ``plain``, and each side costs half of the layer's ``layout_ms``. Entries measured
-    before ``layout_ms`` existed fall back to ``boundary_ms``, saved on each
-    int8 -> int8 edge. Also returns the layers whose entry was interpolated.
+    as ``plain``. The input side costs ``layout_in_ms`` and the output side
+    ``layout_out_ms``, or half of ``layout_ms`` each in older entries.
+    Entries measured before ``layout_ms`` existed fall back to
+    ``boundary_ms``, saved on each int8 -> int8 edge. What int8 layers save
+    is multiplied by ``int8_scale``. Also returns the layers whose entry was
+    interpolated.
 
     Args:
         chain: the layers in run order, each with ``name``, ``input_from``
@@ -331,6 +359,7 @@ def edge_savings(chain, plan_layers: dict, costs) -> tuple[float, list[str]]:
             ``passthrough``; the planner's ``LayerChoices`` qualify.
         plan_layers: layer name -> ``Option``.
         costs: the ``CostTable`` behind the plan's latencies.
+        int8_scale: ``Calibration.int8_scale``. Defaults to 1.
     """
     chain = list(chain)
     entries = plan_entries(chain, plan_layers, costs)
@@ -342,15 +371,75 @@ def edge_savings(chain, plan_layers: dict, costs) -> tuple[float, list[str]]:
     layouts = ["plain", *(layout(e) for e in entries), "plain"]
     saved = 0.0
     for k, entry in enumerate(entries):
+        weight = int8_scale if layouts[k + 1] == "int8" else 1.0
         if "layout_ms" in entry:
-            same = (layouts[k] == layouts[k + 1]) + (layouts[k + 2] == layouts[k + 1])
-            saved += float(entry["layout_ms"]) * same / 2
+            half = float(entry["layout_ms"]) / 2
+            into = float(entry.get("layout_in_ms", half))
+            out = float(entry.get("layout_out_ms", half))
+            saved += weight * (into * (layouts[k] == layouts[k + 1]))
+            saved += weight * (out * (layouts[k + 2] == layouts[k + 1]))
         elif k and layouts[k] == layouts[k + 1] == "int8":
-            saved += float(entry.get("boundary_ms", 0.0))
+            saved += float(entry.get("boundary_ms", 0.0)) * weight
     return saved, interpolated
 
 
-def predict_plan(choices, plan_layers: dict, calibration: Calibration | float, costs) -> Prediction:
+def plan_layers_ms(chain, plan_layers: dict, costs, int8_scale: float = 1.0) -> float:
+    """Return a plan's net entries, int8 ones times ``int8_scale``, less its edge savings; unscaled."""
+    entries = plan_entries(list(chain), plan_layers, costs)
+    total = sum(net_ms(e) * (int8_scale if e.get("precision") == "int8" else 1.0) for e in entries)
+    return total - edge_savings(chain, plan_layers, costs, int8_scale)[0]
+
+
+def fit_int8_scale(
+    calibration: Calibration, chain, int8_plan: dict, costs, measured_ms: float
+) -> float:
+    """Return ``int8_scale`` fitted on the baseline quantized whole, measured at ``measured_ms``.
+
+    One-layer int8 entries leave out what an int8 layer costs inside a
+    model: its weights and activations out of cache, and kernels ONNX
+    Runtime picks by layout. ``int8_plan`` puts every layer that may be int8
+    in int8, as the measured file does. The fit is clipped to [0.5, 3].
+    """
+    entries = plan_entries(list(chain), int8_plan, costs)
+    weights = sum(weight_bytes(e) for e in entries)
+    fp32_part = plan_layers_ms(chain, int8_plan, costs, 0.0)
+    int8_part = plan_layers_ms(chain, int8_plan, costs, 1.0) - fp32_part
+    if int8_part <= 0:
+        return 1.0
+    rest = measured_ms - calibration.overhead_ms - calibration.memory_ms(weights)
+    fitted = (rest - calibration.scale * fp32_part) / (calibration.scale * int8_part)
+    return min(max(fitted, 0.5), 3.0)
+
+
+def runtime_int8(plan_layers: dict, neighbours: dict | None, quantization: str) -> set[str]:
+    """Return the float layers of a plan that ONNX Runtime runs in int8 all the same.
+
+    With static QDQ quantization, ONNX Runtime quantizes a float Conv or
+    Gemm whose input is dequantized and whose output is quantized again
+    (see ``exporters.onnx.runtime_quantized_nodes``): a float layer directly
+    between two int8 layers. ``neighbours`` is ``exporters.onnx.layer_neighbours``
+    of the float graph, or None to assume none.
+    """
+    if quantization != "static" or not neighbours:
+        return set()
+    found = set()
+    for layer, (before, after) in neighbours.items():
+        option = plan_layers.get(layer)
+        if option is None or option.precision != "fp32" or before is None or after is None:
+            continue
+        if plan_layers[before].precision == "int8" and plan_layers[after].precision == "int8":
+            found.add(layer)
+    return found
+
+
+def predict_plan(
+    choices,
+    plan_layers: dict,
+    calibration: Calibration | float,
+    costs,
+    neighbours: dict | None = None,
+    quantization: str = "static",
+) -> Prediction:
     """Predict a plan's latency from its layers' entries (see the module docstring).
 
     Args:
@@ -362,32 +451,48 @@ def predict_plan(choices, plan_layers: dict, calibration: Calibration | float, c
             scale 1.
         costs: the ``CostTable`` that priced ``choices``; it holds the entry
             behind each (layer, input keep, option).
+        neighbours: each layer's direct neighbours in the float graph
+            (``exporters.onnx.layer_neighbours``); float layers that ONNX
+            Runtime will quantize (``runtime_int8``) are priced as int8.
+            Defaults to None.
+        quantization: the run's int8 method. Defaults to ``static``.
     """
     if not isinstance(calibration, Calibration):
         calibration = Calibration(float(calibration), 1.0)
-    layers_ms = 0.0
+    quantized = runtime_int8(plan_layers, neighbours, quantization)
+    plan_layers = {
+        name: dataclasses.replace(option, precision="int8") if name in quantized else option
+        for name, option in plan_layers.items()
+    }
+    total = 0.0
     keep = 1.0
     for layer in choices:
         option = plan_layers[layer.name]
         in_keep = keep if layer.input_from is not None else 1.0
-        layers_ms += layer.latency_ms[(in_keep, option)]
+        if layer.name in quantized:
+            net = net_ms(costs.entry_for(layer.name, in_keep, option))
+            total += net * calibration.scale * calibration.int8_scale
+        else:
+            total += layer.latency_ms[(in_keep, option)]
         keep = in_keep if layer.passthrough else option.keep
-    saved, interpolated = edge_savings(choices, plan_layers, costs)
+    saved, interpolated = edge_savings(choices, plan_layers, costs, calibration.int8_scale)
     edges_ms = saved * calibration.scale
     weights = sum(weight_bytes(e) for e in plan_entries(choices, plan_layers, costs))
     memory = calibration.memory_ms(weights)
-    latency = calibration.overhead_ms + max(layers_ms - edges_ms, 0.0) + memory
+    latency = calibration.overhead_ms + max(total - edges_ms, 0.0) + memory
     call = calibration.overhead_ms if calibration.call_ms is None else calibration.call_ms
     return Prediction(
         latency,
         calibration.overhead_ms,
         calibration.scale,
-        layers_ms,
+        total,
         edges_ms,
         interpolated,
         call,
         memory,
         weights,
+        sorted(quantized),
+        calibration.int8_scale,
     )
 
 

@@ -44,10 +44,9 @@ from deploy.power import EnergyReader, energy_fields, measure_energy
 from exporters.onnx import (
     LAYER_OPS,
     OnnxRunner,
+    node_profile,
     onnx_from_torch,
-    op_profile,
     quantize_onnx,
-    unprofiled_op_times,
 )
 from exporters.timing import Latency, TimingProtocol
 
@@ -174,6 +173,32 @@ def _time_reference(
     return time_sessions(path, feeds, protocol).p50
 
 
+def _conversions(nodes: list[tuple[str, str, float]], run_ms: float) -> tuple[float, float]:
+    # What a one-layer model spends converting its input (nodes before its
+    # first layer node) and its output (nodes after), with the profiler's
+    # own cost per node taken off. Nodes between two layer nodes (the two
+    # factors of a low-rank layer) are split evenly between the two sides.
+    total = sum(ms for _, _, ms in nodes)
+    excess = max(total - run_ms, 0.0) / len(nodes) if nodes else 0.0
+    positions = [k for k, (_, op, _) in enumerate(nodes) if op in LAYER_OPS]
+    if not positions:
+        return 0.0, 0.0
+    first, last = positions[0], positions[-1]
+    before = after = 0.0
+    for k, (_, op, ms) in enumerate(nodes):
+        if op in LAYER_OPS:
+            continue
+        net = max(ms - excess, 0.0)
+        if k < first:
+            before += net
+        elif k > last:
+            after += net
+        else:
+            before += net / 2
+            after += net / 2
+    return before, after
+
+
 def session_call_ms(input_shape: tuple[int, ...], protocol: TimingProtocol) -> float:
     """Return the median latency of an Identity model on ``input_shape``: one session call."""
     with tempfile.TemporaryDirectory(prefix="deploy-measure-") as workdir:
@@ -240,10 +265,9 @@ def measure_spec(
         )
         latency = timed["latency"]
         call_ms = _time_reference(Path(workdir), spec.input_shape, False, protocol)
-        ops = unprofiled_op_times(
-            op_profile(path, feeds, protocol.threads), max(latency.p50 - call_ms, 0.0)
+        layout_in_ms, layout_out_ms = _conversions(
+            node_profile(path, feeds, protocol.threads), max(latency.p50 - call_ms, 0.0)
         )
-        layout_ms = sum(ms for op, ms in ops.items() if op not in LAYER_OPS)
         boundary_ms = None
         if precision == "int8" and quantization == "static":
             qdq_ms = _time_reference(Path(workdir), spec.input_shape, True, protocol)
@@ -262,7 +286,9 @@ def measure_spec(
         "p90_ms": latency.p90,
         "runs": latency.runs,
         "call_ms": call_ms,
-        "layout_ms": layout_ms,
+        "layout_ms": layout_in_ms + layout_out_ms,
+        "layout_in_ms": layout_in_ms,
+        "layout_out_ms": layout_out_ms,
     }
     if boundary_ms is not None:
         entry["boundary_ms"] = boundary_ms

@@ -43,13 +43,15 @@ from deploy.latency_model import (
     ChainLayer,
     calibrate,
     edge_savings,
+    fit_int8_scale,
     outside_layers_share,
     plan_entries,
     predict_plan,
     rescale_prediction,
+    runtime_int8,
     weight_bytes,
 )
-from deploy.measure import session_call_ms
+from deploy.measure import session_call_ms, time_sessions
 from deploy.models import load_model
 from deploy.passes.lowrank import LowRankConfig, apply_lowrank
 from deploy.passes.prune import PruneConfig, apply_prune, prunable_layers
@@ -77,12 +79,15 @@ from deploy.validate import (
 from exporters.onnx import (
     ExportError,
     OnnxRunner,
+    layer_neighbours,
     nodes_of_module,
     onnx_from_torch,
     op_profile,
     quantize_onnx,
+    runtime_quantized_nodes,
     unprofiled_op_times,
 )
+from exporters.timing import TimingProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -530,14 +535,20 @@ def _export(model, example_inputs, path: Path, names, axes) -> None:
 def _quantize_variant(
     float_path: Path, path: Path, plan: Plan, quantize: QuantizeConfig, feeds
 ) -> None:
+    layers = [name for name, option in plan.layers.items() if option.precision == "int8"]
+    _quantize_layers(float_path, path, layers, quantize, feeds)
+
+
+def _quantize_layers(
+    float_path: Path, path: Path, layers: list[str], quantize: QuantizeConfig, feeds
+) -> None:
     proto = onnx.load(str(float_path))
-    # Only the nodes of layers the plan puts in int8 are quantized. MatMuls of no
-    # planned layer (attention's Q @ K^T and weights @ V, both inputs activations)
-    # stay in float: the sensitivity analysis never measured them.
+    # Only the nodes of ``layers`` are quantized. MatMuls of no planned layer
+    # (attention's Q @ K^T and weights @ V, both inputs activations) stay in
+    # float: the sensitivity analysis never measured them.
     int8_nodes = set()
-    for name, option in plan.layers.items():
-        if option.precision == "int8":
-            int8_nodes.update(nodes_of_module(proto, name, QUANTIZED_OPS))
+    for name in layers:
+        int8_nodes.update(nodes_of_module(proto, name, QUANTIZED_OPS))
     exclude = [
         node.name
         for node in proto.graph.node
@@ -744,7 +755,17 @@ def _run(
     planned = _load_json(partial / "plans.json")
     if planned is None:
         planned = _plan(
-            original, profile, config, calibration, example_inputs, baseline, total, keep_float
+            original,
+            profile,
+            config,
+            calibration,
+            example_inputs,
+            baseline,
+            total,
+            keep_float,
+            partial / "baseline.onnx",
+            names,
+            protocol,
         )
         _save_json(partial / "plans.json", planned)
     else:
@@ -929,7 +950,17 @@ def _retime_side_by_side(
 
 
 def _plan(
-    original, profile, config, calibration, example_inputs, baseline, total, keep_float=frozenset()
+    original,
+    profile,
+    config,
+    calibration,
+    example_inputs,
+    baseline,
+    total,
+    keep_float=frozenset(),
+    baseline_path: Path | None = None,
+    io_names: list[str] | None = None,
+    protocol: TimingProtocol | None = None,
 ) -> dict:
     with _Stage(2, total, "analyze"):
         layers = analyze(original, example_inputs)
@@ -983,9 +1014,34 @@ def _plan(
             cache_bytes=profile.data["device"].get("cache_bytes")
             or (core_cache_bytes() if local_profile_matches(profile) else None),
         )
-        latency = {key: value * fit.scale for key, value in latency.items()}
+        int8_plan = {
+            x.name: Option("dense", "int8") if Option("dense", "int8") in options[x.name] else dense
+            for x in layers
+        }
+        if baseline_path is not None and any(o != dense for o in int8_plan.values()):
+            anchor_ms = _int8_anchor_ms(
+                baseline_path, int8_plan, config.quantize, io_names, calibration, protocol
+            )
+            if anchor_ms is not None:
+                fit = dataclasses.replace(
+                    fit, int8_scale=fit_int8_scale(fit, chain, int8_plan, costs, anchor_ms)
+                )
+                logger.info(
+                    "    the baseline quantized whole ran at %.3f ms: int8 layers take %.2fx "
+                    "their latency table entries inside the model",
+                    anchor_ms,
+                    fit.int8_scale,
+                )
+        latency = {
+            key: value * fit.scale * (fit.int8_scale if key[2].precision == "int8" else 1.0)
+            for key, value in latency.items()
+        }
         layer_sum *= fit.scale
         overhead = fit.overhead_ms
+
+    neighbours = None
+    if baseline_path is not None:
+        neighbours = _neighbours(baseline_path, layers)
 
     with _Stage(4, total, "sensitivity and plan"):
         sensitivity = measure_sensitivity(
@@ -1017,8 +1073,11 @@ def _plan(
             choices, overhead, baseline["latency_ms"]["p50"], config.num_budgets, budgets_ms
         )
         plans = [p for p in plans if any(o != dense for o in p.layers.values())]
+        plans = _int8_islands(plans, choices, neighbours, config.quantize.method)
         for plan in plans:
-            prediction = predict_plan(choices, plan.layers, fit, costs)
+            prediction = predict_plan(
+                choices, plan.layers, fit, costs, neighbours, config.quantize.method
+            )
             plan.predicted_latency_ms = prediction.latency_ms
             plan.prediction = prediction.to_dict()
         if not plans:
@@ -1097,6 +1156,7 @@ def _build_variant(
     artifact = float_path
     zeroed = []
     failure = None
+    runtime_int8 = []
     if recipe["quantize"]:
         artifact = folder / f"{name}.int8.onnx"
         if not config.quantize.per_channel or config.quantize.method == "dynamic":
@@ -1116,6 +1176,7 @@ def _build_variant(
             artifact = float_path
         else:
             float_path.unlink()
+            runtime_int8 = _runtime_int8_layers(artifact, plan)
     check = validate_artifact(
         artifact, validation_set, reference, protocol, classification=classification
     )
@@ -1138,4 +1199,92 @@ def _build_variant(
     )
     if zeroed:
         entry["per_tensor_zeroed"] = zeroed
+    if runtime_int8:
+        entry["runtime_int8_layers"] = runtime_int8
+        logger.info(
+            "    %s: ONNX Runtime runs %d float layer(s) in int8 (per-tensor weights) because "
+            "int8 layers surround them: %s",
+            name,
+            len(runtime_int8),
+            ", ".join(runtime_int8),
+        )
     return entry
+
+
+def _int8_islands(plans: list[Plan], choices, neighbours, method: str) -> list[Plan]:
+    # ONNX Runtime quantizes a float layer directly between two int8 layers
+    # with per-tensor weights when it loads a QDQ file (runtime_int8), on a
+    # path far slower than per-channel int8: 1.4 ms against 0.26 ms for a
+    # 240-channel 5x5 depthwise conv at 28 x 28 on an AVX-512 Xeon. Such a
+    # layer is made per-channel int8 instead where int8 is one of its options.
+    by_name = {c.name: c for c in choices}
+    changed = 0
+    result: dict[tuple, Plan] = {}
+    for plan in plans:
+        layers = dict(plan.layers)
+        while True:
+            flips = [
+                name
+                for name in runtime_int8(layers, neighbours, method)
+                if dataclasses.replace(layers[name], precision="int8") in by_name[name].options
+            ]
+            if not flips:
+                break
+            for name in flips:
+                layers[name] = dataclasses.replace(layers[name], precision="int8")
+        if layers != plan.layers:
+            changed += 1
+            distortion = sum(by_name[n].distortion[o] for n, o in layers.items())
+            plan = dataclasses.replace(plan, layers=layers, predicted_distortion=distortion)
+        result.setdefault(plan.signature(), plan)
+    if changed:
+        logger.info(
+            "    %d plan(s) put float layers between int8 layers, which ONNX Runtime would run in "
+            "per-tensor int8; those layers are per-channel int8 instead",
+            changed,
+        )
+    return sorted(result.values(), key=lambda p: p.predicted_latency_ms)
+
+
+def _int8_anchor_ms(
+    baseline_path: Path, int8_plan: dict, quantize: QuantizeConfig, names, calibration, protocol
+) -> float | None:
+    # The baseline with every layer that may be int8 quantized, timed like an
+    # entry; None where quantizing it fails.
+    path = baseline_path.with_name("baseline.int8-anchor.onnx")
+    layers = [name for name, option in int8_plan.items() if option.precision == "int8"]
+    feeds = _feeds(names, calibration) if quantize.method == "static" else None
+    try:
+        _quantize_layers(baseline_path, path, layers, quantize, feeds)
+        sample = dict(zip(names, [a[:1] for a in calibration], strict=True))
+        return time_sessions(path, sample, protocol).p50
+    except ExportError as exc:
+        logger.info(
+            "    int8 layers keep their entries' latency: quantizing the baseline failed (%s)", exc
+        )
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _neighbours(path: Path, layers) -> dict:
+    # Each layer's direct neighbours in the float graph, for layers with one Conv or Gemm node.
+    proto = onnx.load(str(path))
+    layer_nodes = {}
+    for layer in layers:
+        found = nodes_of_module(proto, layer.name, ("Conv", "Gemm"))
+        if len(found) == 1:
+            layer_nodes[layer.name] = found[0]
+    return layer_neighbours(proto, layer_nodes)
+
+
+def _runtime_int8_layers(artifact: Path, plan: Plan) -> list[str]:
+    # The float layers of the plan whose nodes ONNX Runtime quantizes when it loads the file.
+    proto = onnx.load(str(artifact))
+    nodes = set(runtime_quantized_nodes(proto))
+    return sorted(
+        name
+        for name, option in plan.layers.items()
+        if option.precision == "fp32"
+        and nodes & set(nodes_of_module(proto, name, ("Conv", "Gemm")))
+    )

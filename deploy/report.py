@@ -100,6 +100,14 @@ def report_markdown(manifest: dict) -> str:
             "",
             f"Not faster than the fp32 baseline on this device: {', '.join(slower)}.",
         ]
+    for e in manifest["variants"]:
+        if e.get("runtime_int8_layers"):
+            lines += [
+                "",
+                f"{e['name']}: ONNX Runtime runs {', '.join(e['runtime_int8_layers'])} in int8 "
+                f"with per-tensor weights although the plan keeps them in float, because int8 "
+                f"layers surround them. Its accuracy and latency above are what ONNX Runtime runs.",
+            ]
     lines += [
         "",
         "Artifacts are ONNX files relative to this folder; `manifest.json` has every figure.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -292,6 +293,95 @@ def quantized_nodes(proto: onnx.ModelProto, names: Iterable[str]) -> list[str]:
     return found
 
 
+# Activations ONNX Runtime's QDQ fusion lets sit between a layer and the
+# QuantizeLinear of its output.
+_FUSED_ACTIVATIONS = ("Relu", "Clip")
+
+
+def _single_consumers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    # Tensor name -> its consumer, for tensors with exactly one consumer and not a graph output.
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in proto.graph.output}
+    return {t: c[0] for t, c in consumers.items() if len(c) == 1 and t not in outputs}
+
+
+def _through_activations(
+    node: onnx.NodeProto, single: dict
+) -> tuple[onnx.NodeProto | None, str | None]:
+    # The node that node's output reaches through a chain of single-consumer
+    # Relu or Clip nodes, and the tensor it reads; (None, None) where the
+    # chain branches or ends.
+    current = node
+    while current.output and current.output[0] in single:
+        consumer = single[current.output[0]]
+        if consumer.op_type not in _FUSED_ACTIVATIONS:
+            return consumer, current.output[0]
+        current = consumer
+    return None, None
+
+
+def layer_neighbours(
+    proto: onnx.ModelProto, layer_nodes: dict[str, str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """Return, per layer, the layers directly before and after it in a float graph.
+
+    ``layer_nodes`` maps each layer to its one Conv or Gemm node. Layer B
+    directly follows layer A when A's output reaches B's first input through
+    single-consumer Relu or Clip nodes only: no residual add, no branch.
+    A layer without such a neighbour gets None on that side.
+    """
+    single = _single_consumers(proto)
+    by_node = {node: layer for layer, node in layer_nodes.items()}
+    nodes = {n.name: n for n in proto.graph.node}
+    after: dict[str, str | None] = dict.fromkeys(layer_nodes)
+    for layer, name in layer_nodes.items():
+        if name not in nodes:
+            continue
+        reached, tensor = _through_activations(nodes[name], single)
+        if reached is not None and reached.input and reached.input[0] == tensor:
+            after[layer] = by_node.get(reached.name)
+    before: dict[str, str | None] = dict.fromkeys(layer_nodes)
+    for layer, following in after.items():
+        if following is not None:
+            before[following] = layer
+    return {layer: (before[layer], after[layer]) for layer in layer_nodes}
+
+
+def runtime_quantized_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Return the float Conv and Gemm nodes of a QDQ graph that ONNX Runtime quantizes when it loads it.
+
+    ONNX Runtime's ``WeightBiasQuantization`` optimizer (1.20 and later)
+    rewrites a Conv or Gemm with a float weight initializer to int8, with a
+    symmetric per-tensor weight scale, when its input comes from a
+    per-tensor DequantizeLinear and its output reaches a QuantizeLinear
+    through single-consumer Relu or Clip nodes. A layer kept in float between
+    two int8 layers therefore runs in int8.
+    """
+    single = _single_consumers(proto)
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    initializers = {t.name: t for t in proto.graph.initializer}
+    found = []
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        source = producers.get(node.input[0])
+        if source is None or source.op_type != "DequantizeLinear":
+            continue
+        scale = initializers.get(source.input[1])
+        if scale is None or math.prod(scale.dims) != 1:
+            continue
+        weight = initializers.get(node.input[1])
+        if weight is None or weight.data_type != onnx.TensorProto.FLOAT:
+            continue
+        reached, _ = _through_activations(node, single)
+        if reached is not None and reached.op_type == "QuantizeLinear":
+            found.append(node.name)
+    return found
+
+
 def fp16_from_onnx(
     source: str | os.PathLike, destination: str | os.PathLike, keep_float: Sequence[str] = ()
 ) -> Path:
@@ -564,17 +654,17 @@ def unprofiled_op_times(ops: dict[str, tuple[float, int]], run_ms: float) -> dic
     return {op: max(ms - excess * n, 0.0) for op, (ms, n) in ops.items()}
 
 
-def op_profile(
+def node_profile(
     path: str | os.PathLike, feeds: dict[str, np.ndarray], threads: int = 1, runs: int = 20
-) -> dict[str, tuple[float, int]]:
-    """Return, per operator type in ``path``, its median time per run in ms and its nodes per run.
+) -> list[tuple[str, str, float]]:
+    """Return each node of ``path``'s optimized graph as (name, operator type, median ms per run), in run order.
 
     The model runs ``runs`` warm-up runs, then ``runs`` profiled ones, under
     ONNX Runtime's profiler with the same graph optimizations as
     ``OnnxRunner``. The operator types are those of the optimized graph,
     fused nodes included (``FusedConv``, ``FusedGemm``). Each node's time
     includes what recording it costs the profiler (see
-    ``deploy.latency_model.outside_layers_share``).
+    ``unprofiled_op_times``).
     """
     import json
 
@@ -588,25 +678,41 @@ def op_profile(
         for e in events
         if e.get("cat") == "Session" and e.get("name") == "model_run"
     ][-runs:]
-    per_run: list[dict[str, float]] = [{} for _ in windows]
-    nodes: list[dict[str, int]] = [{} for _ in windows]
+    times: dict[tuple[str, str], list[float]] = {}
+    starts: dict[tuple[str, str], list[float]] = {}
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
-        op = event.get("args", {}).get("op_name", "?")
-        for k, (start, end) in enumerate(windows):
+        key = (event["name"][: -len("_kernel_time")], event.get("args", {}).get("op_name", "?"))
+        for start, end in windows:
             if start <= event["ts"] <= end:
-                per_run[k][op] = per_run[k].get(op, 0.0) + event["dur"] / 1000.0
-                nodes[k][op] = nodes[k].get(op, 0) + 1
+                times.setdefault(key, []).append(event["dur"] / 1000.0)
+                starts.setdefault(key, []).append(event["ts"] - start)
                 break
-    ops = {op for run in per_run for op in run}
-    return {
-        op: (
-            float(np.median([run.get(op, 0.0) for run in per_run])),
-            int(np.median([run.get(op, 0) for run in nodes])),
+    order = sorted(times, key=lambda key: float(np.median(starts[key])))
+    # A node that ran in some runs only counts as 0 ms in the others.
+    return [
+        (
+            name,
+            op,
+            float(np.median(times[(name, op)] + [0.0] * (len(windows) - len(times[(name, op)])))),
         )
-        for op in ops
-    }
+        for name, op in order
+    ]
+
+
+def op_profile(
+    path: str | os.PathLike, feeds: dict[str, np.ndarray], threads: int = 1, runs: int = 20
+) -> dict[str, tuple[float, int]]:
+    """Return, per operator type in ``path``, its time per run in ms and its nodes per run.
+
+    The times are ``node_profile``'s medians, added up per operator type.
+    """
+    found: dict[str, tuple[float, int]] = {}
+    for _, op, ms in node_profile(path, feeds, threads, runs):
+        total, count = found.get(op, (0.0, 0))
+        found[op] = (total + ms, count + 1)
+    return found
 
 
 def op_times(

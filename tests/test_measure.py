@@ -51,6 +51,7 @@ def test_entry_runs_from_protocol(entry):
 
 def test_entry_layout_within_latency(entry):
     assert 0.0 <= entry["layout_ms"] <= entry["p50_ms"]
+    assert entry["layout_in_ms"] + entry["layout_out_ms"] == pytest.approx(entry["layout_ms"])
     if entry["precision"] == "int8":
         # QuantizeLinear and DequantizeLinear around the int8 conv.
         assert entry["layout_ms"] > 0.0

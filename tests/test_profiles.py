@@ -563,6 +563,36 @@ def test_edge_savings_by_layout():
     assert edge_savings(chain, plan, costs)[0] == 0.0
 
 
+def test_edge_savings_input_and_output_sides():
+    from deploy.latency_model import ChainLayer, edge_savings
+
+    chain = [ChainLayer(n, None, False) for n in ("a", "b")]
+    fp32 = Option("dense", "fp32")
+    entry = {**_layout_entry("conv2d", "fp32", 1.0, 0.4), "layout_in_ms": 0.1, "layout_out_ms": 0.3}
+    costs = _StubCosts({(n, "fp32"): entry for n in "ab"})
+    # The a -> b edge saves a's output side and b's input side.
+    saved, _ = edge_savings(chain, {"a": fp32, "b": fp32}, costs)
+    assert saved == pytest.approx(0.3 + 0.1)
+
+
+def test_conversions_split_around_layer():
+    from deploy.measure import _conversions
+
+    nodes = [
+        ("in", "QuantizeLinear", 0.02),
+        ("t", "Transpose", 0.01),
+        ("conv", "QLinearConv", 0.10),
+        ("out", "DequantizeLinear", 0.03),
+    ]
+    before, after = _conversions(nodes, run_ms=0.16)
+    assert before == pytest.approx(0.03)
+    assert after == pytest.approx(0.03)
+    # A profile 0.04 ms over the plain run loses 0.01 ms per node.
+    before, after = _conversions(nodes, run_ms=0.12)
+    assert before == pytest.approx(0.01)
+    assert after == pytest.approx(0.02)
+
+
 def test_weight_bytes_by_option_and_precision():
     from deploy.latency_model import weight_bytes
 
@@ -575,18 +605,24 @@ def test_weight_bytes_by_option_and_precision():
 
 def test_calibrate_charges_weights_beyond_cache():
     # Layers add up to 0.8 ms but the baseline spends 1.0 ms in them with
-    # 3 MB of weights and a 2 MB cache: 0.2 ms per MB beyond the cache.
+    # 3 MB of weights and a 4 MB cache, half of it for weights: 0.2 ms per
+    # MB beyond 2 MB.
     mb = 1_000_000
     calibration = calibrate(
-        baseline_ms=1.0, layers_ms=0.8, call_ms=0.0, weight_bytes=3 * mb, cache_bytes=2 * mb
+        baseline_ms=1.0, layers_ms=0.8, call_ms=0.0, weight_bytes=3 * mb, cache_bytes=4 * mb
     )
     assert calibration.scale == 1.0
+    assert calibration.cache_bytes == 2 * mb
     assert calibration.memory_ms(3 * mb) == pytest.approx(0.2)
     assert calibration.memory_ms(2.5 * mb) == pytest.approx(0.1)
     assert calibration.memory_ms(1 * mb) == 0.0
-    # Weights that fit the cache: the scale maps the entries instead.
+
+
+def test_calibrate_weights_within_cache_share():
+    # Weights that fit their share of the cache: the scale maps the entries.
+    mb = 1_000_000
     fits = calibrate(
-        baseline_ms=1.0, layers_ms=0.8, call_ms=0.0, weight_bytes=1 * mb, cache_bytes=2 * mb
+        baseline_ms=1.0, layers_ms=0.8, call_ms=0.0, weight_bytes=1 * mb, cache_bytes=4 * mb
     )
     assert fits.scale == pytest.approx(1.25)
     assert fits.memory_ms(3 * mb) == 0.0
@@ -609,3 +645,35 @@ def test_core_cache_bytes_reads_private_cache(tmp_path):
         (folder / "shared_cpu_list").write_text(shared + "\n")
     assert core_cache_bytes(0, tmp_path) == 2048 * 1024
     assert core_cache_bytes(1, tmp_path) is None
+
+
+def test_runtime_int8_float_between_int8():
+    from deploy.latency_model import runtime_int8
+
+    fp32, int8 = Option("dense", "fp32"), Option("dense", "int8")
+    neighbours = {"a": (None, "b"), "b": ("a", "c"), "c": ("b", None)}
+    plan = {"a": int8, "b": fp32, "c": int8}
+    assert runtime_int8(plan, neighbours, "static") == {"b"}
+    assert runtime_int8(plan, neighbours, "dynamic") == set()
+    assert runtime_int8({**plan, "c": fp32}, neighbours, "static") == set()
+    assert runtime_int8(plan, None, "static") == set()
+
+
+def test_predict_plan_prices_runtime_int8():
+    names = ["a", "b", "c"]
+    fp32, int8 = Option("dense", "fp32"), Option("dense", "int8")
+    choices = [
+        LayerChoices(n, None, False, [fp32, int8], {(1.0, fp32): 1.0, (1.0, int8): 0.4}, {})
+        for n in names
+    ]
+    entries = {
+        (n, p): {"op": "conv2d", "precision": p, "p50_ms": 1.0 if p == "fp32" else 0.4}
+        for n in names
+        for p in ("fp32", "int8")
+    }
+    plan = {"a": int8, "b": fp32, "c": int8}
+    neighbours = {"a": (None, "b"), "b": ("a", "c"), "c": ("b", None)}
+    prediction = predict_plan(choices, plan, 0.0, _StubCosts(entries), neighbours)
+    # b runs in int8: 3 x 0.4 ms instead of 0.4 + 1.0 + 0.4.
+    assert prediction.latency_ms == pytest.approx(1.2)
+    assert prediction.runtime_int8 == ["b"]

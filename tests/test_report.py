@@ -123,3 +123,10 @@ def test_write_report_files(manifest, tmp_path):
 def test_report_names_slow_variants(manifest):
     text = report_markdown(manifest)
     assert "Not faster than the fp32 baseline on this device: slow-tie." in text
+
+
+def test_report_names_runtime_int8_layers(manifest):
+    manifest["variants"][0]["runtime_int8_layers"] = ["blocks.4.depthwise"]
+    text = report_markdown(manifest)
+    name = manifest["variants"][0]["name"]
+    assert f"{name}: ONNX Runtime runs blocks.4.depthwise in int8" in text

@@ -164,3 +164,71 @@ def test_runner_error_names_node(tmp_path):
 def test_runner_missing_file(tmp_path):
     with pytest.raises(ExportError, match="could not load"):
         OnnxRunner(tmp_path / "missing.onnx")
+
+
+class _Sandwich(nn.Module):
+    """Pointwise, depthwise and pointwise convs with ReLU6, and a residual branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(8, 32, 1)
+        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.project = nn.Conv2d(32, 8, 1)
+        self.head = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.expand(x))
+        y = nn.functional.relu6(self.depthwise(y))
+        return self.head(x + self.project(y))
+
+
+@pytest.fixture(scope="module")
+def sandwich(tmp_path_factory):
+    """The float ONNX file of ``_Sandwich`` and its QDQ file with only ``depthwise`` in float."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sandwich")
+    float_path = _export(_Sandwich().eval(), (torch.randn(1, 8, 16, 16),), folder / "f.onnx")
+    proto = onnx.load(str(float_path))
+    keep = nodes_of_module(proto, "depthwise", ["Conv"])
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(4)]
+    int8_path = quantize_onnx(
+        float_path, folder / "q.onnx", calibration_feeds=feeds, nodes_to_exclude=keep
+    )
+    return proto, onnx.load(str(int8_path)), int8_path, keep[0]
+
+
+def test_runtime_quantized_float_between_int8(sandwich):
+    from exporters.onnx import runtime_quantized_nodes
+
+    _, int8_proto, _, depthwise = sandwich
+    assert runtime_quantized_nodes(int8_proto) == [depthwise]
+
+
+def test_runtime_quantized_matches_onnxruntime(sandwich, tmp_path):
+    import onnxruntime as ort
+
+    _, _, int8_path, _ = sandwich
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    # All four convs run in int8, the float depthwise one included.
+    assert sum(node.op_type == "QLinearConv" for node in optimized.graph.node) == 4
+
+
+def test_layer_neighbours_direct_chain(sandwich):
+    from exporters.onnx import layer_neighbours
+
+    float_proto = sandwich[0]
+    layers = {
+        name: nodes_of_module(float_proto, name, ["Conv"])[0]
+        for name in ("expand", "depthwise", "project", "head")
+    }
+    neighbours = layer_neighbours(float_proto, layers)
+    assert neighbours["depthwise"] == ("expand", "project")
+    assert neighbours["expand"] == (None, "depthwise")
+    # The residual add sits between project and head.
+    assert neighbours["project"] == ("depthwise", None)
+    assert neighbours["head"] == (None, None)
