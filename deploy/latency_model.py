@@ -178,6 +178,11 @@ class Calibration:
         int8_scale: how much slower int8 layers run inside the model than
             their entries say, on top of ``scale``, fitted on the baseline
             quantized whole (``fit_int8_scale``). Defaults to 1.
+        rates: ``layer|precision`` -> how much slower the layer computes
+            inside the model than its entry's compute, from the profiled
+            baseline and the profiled baseline quantized whole
+            (``fit_rates``). A layer with a rate ignores ``scale``,
+            ``int8_scale`` and ``ms_per_byte``. Defaults to none.
     """
 
     overhead_ms: float
@@ -186,10 +191,35 @@ class Calibration:
     cache_bytes: int | None = None
     ms_per_byte: float = 0.0
     int8_scale: float = 1.0
+    rates: dict = dataclasses.field(default_factory=dict)
+
+    def rate(self, layer: str, precision: str) -> float | None:
+        """Return the layer's in-model rate at ``precision`` (``fit_rates``), or None."""
+        return self.rates.get(f"{layer}|{precision}")
+
+    def layer_ms(self, layer: str, entry: dict) -> float:
+        """Return what a layer with ``entry`` costs inside the model, before its edges save anything.
+
+        With a rate, the entry's compute (net less ``layout_ms``) runs at the
+        rate and its conversions as measured. Without, the net entry is
+        multiplied by ``scale`` (and by ``int8_scale`` for an int8 entry).
+        """
+        net = net_ms(entry)
+        rate = self.rate(layer, entry.get("precision", "fp32"))
+        if rate is None:
+            return net * self.scale * (self.int8_scale if entry.get("precision") == "int8" else 1.0)
+        layout = min(float(entry.get("layout_ms", 0.0)), net)
+        return rate * (net - layout) + layout
+
+    def edge_weight(self, layer: str, entry: dict) -> float:
+        """Return the factor on what ``layer``'s edges save: 1 with a rate, the scales without."""
+        if self.rate(layer, entry.get("precision", "fp32")) is not None:
+            return 1.0
+        return self.scale * (self.int8_scale if entry.get("precision") == "int8" else 1.0)
 
     def memory_ms(self, weight_bytes: float) -> float:
         """Return the memory traffic term for a model of ``weight_bytes`` bytes of layer weights."""
-        if not self.cache_bytes or not self.ms_per_byte:
+        if not self.cache_bytes or not self.ms_per_byte or self.rates:
             return 0.0
         return self.ms_per_byte * max(weight_bytes - self.cache_bytes, 0.0)
 
@@ -338,7 +368,7 @@ def plan_entries(chain, plan_layers: dict, costs) -> list[dict]:
 
 
 def edge_savings(
-    chain, plan_layers: dict, costs, int8_scale: float = 1.0
+    chain, plan_layers: dict, costs, int8_scale: float = 1.0, weight=None
 ) -> tuple[float, list[str]]:
     """Return what the edges of a plan save against the sum of its layers' entries, in ms, unscaled.
 
@@ -360,6 +390,9 @@ def edge_savings(
         plan_layers: layer name -> ``Option``.
         costs: the ``CostTable`` behind the plan's latencies.
         int8_scale: ``Calibration.int8_scale``. Defaults to 1.
+        weight: a function of (layer name, entry) returning the factor on
+            what that layer saves, in place of ``int8_scale``
+            (``Calibration.edge_weight``). Defaults to None.
     """
     chain = list(chain)
     entries = plan_entries(chain, plan_layers, costs)
@@ -371,15 +404,17 @@ def edge_savings(
     layouts = ["plain", *(layout(e) for e in entries), "plain"]
     saved = 0.0
     for k, entry in enumerate(entries):
-        weight = int8_scale if layouts[k + 1] == "int8" else 1.0
+        factor = int8_scale if layouts[k + 1] == "int8" else 1.0
+        if weight is not None:
+            factor = weight(chain[k].name, entry)
         if "layout_ms" in entry:
             half = float(entry["layout_ms"]) / 2
             into = float(entry.get("layout_in_ms", half))
             out = float(entry.get("layout_out_ms", half))
-            saved += weight * (into * (layouts[k] == layouts[k + 1]))
-            saved += weight * (out * (layouts[k + 2] == layouts[k + 1]))
+            saved += factor * (into * (layouts[k] == layouts[k + 1]))
+            saved += factor * (out * (layouts[k + 2] == layouts[k + 1]))
         elif k and layouts[k] == layouts[k + 1] == "int8":
-            saved += float(entry.get("boundary_ms", 0.0)) * weight
+            saved += float(entry.get("boundary_ms", 0.0)) * factor
     return saved, interpolated
 
 
@@ -388,6 +423,31 @@ def plan_layers_ms(chain, plan_layers: dict, costs, int8_scale: float = 1.0) -> 
     entries = plan_entries(list(chain), plan_layers, costs)
     total = sum(net_ms(e) * (int8_scale if e.get("precision") == "int8" else 1.0) for e in entries)
     return total - edge_savings(chain, plan_layers, costs, int8_scale)[0]
+
+
+def fit_rates(
+    in_model: dict[str, float], entries: dict[str, dict], precision: str
+) -> dict[str, float]:
+    """Return ``layer|precision`` -> the layer's in-model time over its entry's compute.
+
+    ``in_model`` is each layer's time inside the profiled model
+    (``exporters.onnx.layer_node_times``) and ``entries`` the entry of the
+    same layer and option. A one-layer model runs with its weights and
+    input in cache and spends part of its time converting layouts; inside
+    a model the compute runs at its own rate, clipped to 0.25x-4x here. An
+    entry whose compute is under a tenth of its net latency gives no rate.
+    """
+    rates = {}
+    for layer, ms in in_model.items():
+        entry = entries.get(layer)
+        if entry is None:
+            continue
+        net = net_ms(entry)
+        compute = net - min(float(entry.get("layout_ms", 0.0)), net)
+        if net <= 0 or compute < 0.1 * net:
+            continue
+        rates[f"{layer}|{precision}"] = min(max(ms / compute, 0.25), 4.0)
+    return rates
 
 
 def fit_int8_scale(
@@ -443,9 +503,8 @@ def predict_plan(
     """Predict a plan's latency from its layers' entries (see the module docstring).
 
     Args:
-        choices: the planner's ``LayerChoices``, in run order, with net
-            latencies already multiplied by ``calibration.scale``, as the
-            planner uses them.
+        choices: the planner's ``LayerChoices`` in run order, or any layers
+            with ``name``, ``input_from`` and ``passthrough``.
         plan_layers: layer name -> ``Option`` of the plan.
         calibration: the model's ``Calibration``, or an overhead in ms with
             scale 1.
@@ -464,20 +523,15 @@ def predict_plan(
         name: dataclasses.replace(option, precision="int8") if name in quantized else option
         for name, option in plan_layers.items()
     }
-    total = 0.0
-    keep = 1.0
-    for layer in choices:
-        option = plan_layers[layer.name]
-        in_keep = keep if layer.input_from is not None else 1.0
-        if layer.name in quantized:
-            net = net_ms(costs.entry_for(layer.name, in_keep, option))
-            total += net * calibration.scale * calibration.int8_scale
-        else:
-            total += layer.latency_ms[(in_keep, option)]
-        keep = in_keep if layer.passthrough else option.keep
-    saved, interpolated = edge_savings(choices, plan_layers, costs, calibration.int8_scale)
-    edges_ms = saved * calibration.scale
-    weights = sum(weight_bytes(e) for e in plan_entries(choices, plan_layers, costs))
+    entries = plan_entries(choices, plan_layers, costs)
+    total = sum(
+        calibration.layer_ms(layer.name, entry)
+        for layer, entry in zip(choices, entries, strict=True)
+    )
+    edges_ms, interpolated = edge_savings(
+        choices, plan_layers, costs, weight=calibration.edge_weight
+    )
+    weights = sum(weight_bytes(e) for e in entries)
     memory = calibration.memory_ms(weights)
     latency = calibration.overhead_ms + max(total - edges_ms, 0.0) + memory
     call = calibration.overhead_ms if calibration.call_ms is None else calibration.call_ms

@@ -44,6 +44,7 @@ from deploy.latency_model import (
     calibrate,
     edge_savings,
     fit_int8_scale,
+    fit_rates,
     outside_layers_share,
     plan_entries,
     predict_plan,
@@ -80,6 +81,8 @@ from exporters.onnx import (
     ExportError,
     OnnxRunner,
     layer_neighbours,
+    layer_node_times,
+    node_profile,
     nodes_of_module,
     onnx_from_torch,
     op_profile,
@@ -1018,11 +1021,42 @@ def _plan(
             x.name: Option("dense", "int8") if Option("dense", "int8") in options[x.name] else dense
             for x in layers
         }
+        local = baseline_path is not None and local_profile_matches(profile)
+        sample = dict(zip(io_names or [], [a[:1] for a in calibration], strict=False))
+        names_in_order = [x.name for x in layers]
+        if local:
+            # How fast each layer computes inside the fp32 baseline, from ONNX
+            # Runtime's profiler; only meaningful where the profile is this machine's.
+            in_model = layer_node_times(
+                node_profile(baseline_path, sample, protocol.threads, runs=30),
+                names_in_order,
+                max(baseline["latency_ms"]["p50"] - call_ms, 0.0),
+            )
+            entries = {x.name: costs.entry_for(x.name, 1.0, dense) for x in layers}
+            fit = dataclasses.replace(fit, rates=fit_rates(in_model, entries, "fp32"))
         if baseline_path is not None and any(o != dense for o in int8_plan.values()):
-            anchor_ms = _int8_anchor_ms(
+            anchor = _int8_anchor(
                 baseline_path, int8_plan, config.quantize, io_names, calibration, protocol
             )
-            if anchor_ms is not None:
+            if anchor is not None and local:
+                anchor_ms, nodes = anchor
+                in_model = layer_node_times(nodes, names_in_order, max(anchor_ms - call_ms, 0.0))
+                entries = {
+                    name: costs.entry_for(name, 1.0, option)
+                    for name, option in int8_plan.items()
+                    if option.precision == "int8"
+                }
+                rates = {**fit.rates, **fit_rates(in_model, entries, "int8")}
+                fit = dataclasses.replace(fit, rates=rates)
+                logger.info(
+                    "    in-model rates of %d of %d layers from the profiled fp32 baseline and "
+                    "the baseline quantized whole (%.3f ms)",
+                    len({key.split("|")[0] for key in fit.rates}),
+                    len(layers),
+                    anchor_ms,
+                )
+            elif anchor is not None:
+                anchor_ms = anchor[0]
                 fit = dataclasses.replace(
                     fit, int8_scale=fit_int8_scale(fit, chain, int8_plan, costs, anchor_ms)
                 )
@@ -1033,10 +1067,10 @@ def _plan(
                     fit.int8_scale,
                 )
         latency = {
-            key: value * fit.scale * (fit.int8_scale if key[2].precision == "int8" else 1.0)
-            for key, value in latency.items()
+            (name, keep, option): fit.layer_ms(name, costs.entry_for(name, keep, option))
+            for (name, keep, option) in latency
         }
-        layer_sum *= fit.scale
+        base_prediction = predict_plan(chain, base_plan, fit, costs)
         overhead = fit.overhead_ms
 
     neighbours = None
@@ -1107,7 +1141,7 @@ def _plan(
         )
     return {
         "overhead_ms": overhead,
-        "baseline_predicted_ms": overhead + layer_sum + fit.memory_ms(base_weights),
+        "baseline_predicted_ms": base_prediction.latency_ms,
         "plans": [p.to_dict() for p in plans],
     }
 
@@ -1246,18 +1280,19 @@ def _int8_islands(plans: list[Plan], choices, neighbours, method: str) -> list[P
     return sorted(result.values(), key=lambda p: p.predicted_latency_ms)
 
 
-def _int8_anchor_ms(
+def _int8_anchor(
     baseline_path: Path, int8_plan: dict, quantize: QuantizeConfig, names, calibration, protocol
-) -> float | None:
-    # The baseline with every layer that may be int8 quantized, timed like an
-    # entry; None where quantizing it fails.
+) -> tuple[float, list] | None:
+    # The baseline with every layer that may be int8 quantized: its p50, timed
+    # like an entry, and its profiled nodes; None where quantizing it fails.
     path = baseline_path.with_name("baseline.int8-anchor.onnx")
     layers = [name for name, option in int8_plan.items() if option.precision == "int8"]
     feeds = _feeds(names, calibration) if quantize.method == "static" else None
     try:
         _quantize_layers(baseline_path, path, layers, quantize, feeds)
         sample = dict(zip(names, [a[:1] for a in calibration], strict=True))
-        return time_sessions(path, sample, protocol).p50
+        p50 = time_sessions(path, sample, protocol).p50
+        return p50, node_profile(path, sample, protocol.threads, runs=30)
     except ExportError as exc:
         logger.info(
             "    int8 layers keep their entries' latency: quantizing the baseline failed (%s)", exc

@@ -701,6 +701,42 @@ def node_profile(
     ]
 
 
+def layer_node_times(
+    nodes: list[tuple[str, str, float]], layers: list[str], run_ms: float
+) -> dict[str, float]:
+    """Return each layer's time inside a model, in ms, from ``node_profile``'s nodes.
+
+    A layer node (``LAYER_OPS``) belongs to the layer its name's module scope
+    names. ONNX Runtime renames the convs it fuses with an activation or
+    moves to NCHWc after the activation (``/blocks.1/act/Clip_output_0_nchwc``);
+    where the nodes left over are as many as the layers left over, they are
+    matched in run order. Layers still unmatched are left out. The
+    profiler's own cost per node is taken off (``unprofiled_op_times``),
+    with ``run_ms`` the model's time per run without the profiler, less the
+    session call.
+    """
+    total = sum(ms for _, _, ms in nodes)
+    excess = max(total - run_ms, 0.0) / len(nodes) if nodes else 0.0
+    wanted = set(layers)
+    found: dict[str, float] = {}
+    unmatched = []
+    for name, op, ms in nodes:
+        if op not in LAYER_OPS:
+            continue
+        scopes = _scope_paths(name.removeprefix("fused ").split("/")[1:-1])
+        owner = max((path for path in scopes if path in wanted), key=len, default=None)
+        if owner is None:
+            unmatched.append(ms)
+        else:
+            found[owner] = found.get(owner, 0.0) + max(ms - excess, 0.0)
+    rest = [layer for layer in layers if layer not in found]
+    if rest and len(rest) == len(unmatched):
+        found.update(
+            {layer: max(ms - excess, 0.0) for layer, ms in zip(rest, unmatched, strict=True)}
+        )
+    return found
+
+
 def op_profile(
     path: str | os.PathLike, feeds: dict[str, np.ndarray], threads: int = 1, runs: int = 20
 ) -> dict[str, tuple[float, int]]:

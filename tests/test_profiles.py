@@ -304,7 +304,7 @@ def test_predict_plan_int8_chain_pays_boundary_once():
             )
         )
     entries = {
-        (n, p): {"op": "linear", "precision": p, "boundary_ms": 0.25}
+        (n, p): {"op": "linear", "precision": p, "p50_ms": 1.0, "boundary_ms": 0.25}
         for n in names
         for p in ("fp32", "int8")
     }
@@ -327,12 +327,30 @@ def test_predict_plan_scales_edges():
         for n in ("a", "b")
     ]
     entries = {
-        (n, "int8"): {"op": "linear", "precision": "int8", "boundary_ms": 0.5} for n in ("a", "b")
+        (n, "int8"): {"op": "linear", "precision": "int8", "p50_ms": 2.5, "boundary_ms": 0.5}
+        for n in ("a", "b")
     }
     plan = {n: options[0] for n in ("a", "b")}
     prediction = predict_plan(choices, plan, Calibration(0.1, 0.8), _StubCosts(entries))
-    # Choices are already scaled; the edge saving is scaled here: 0.1 + 4.0 - 0.8 x 0.5.
+    # Entries and the edge saving are both scaled: 0.1 + 0.8 x (2 x 2.5) - 0.8 x 0.5.
     assert prediction.latency_ms == pytest.approx(3.7)
+
+
+def test_predict_plan_layer_rates():
+    from deploy.latency_model import fit_rates
+
+    options = [Option("dense", "fp32")]
+    choices = [LayerChoices("a", None, False, options, {(1.0, options[0]): 1.0}, {})]
+    entry = {"op": "conv2d", "precision": "fp32", "p50_ms": 1.0, "layout_ms": 0.4}
+    # Inside the model the layer took 0.9 ms: its 0.6 ms of compute runs 1.5x slower.
+    rates = fit_rates({"a": 0.9}, {"a": entry}, "fp32")
+    assert rates == {"a|fp32": pytest.approx(1.5)}
+    calibration = Calibration(0.0, 1.0, rates=rates)
+    # The model's input and output are plain, so the conv keeps its 0.4 ms of conversions.
+    prediction = predict_plan(
+        choices, {"a": options[0]}, calibration, _StubCosts({("a", "fp32"): entry})
+    )
+    assert prediction.latency_ms == pytest.approx(1.5 * 0.6 + 0.4)
 
 
 def test_calibrate_fits_baseline():

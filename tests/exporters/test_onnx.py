@@ -232,3 +232,30 @@ def test_layer_neighbours_direct_chain(sandwich):
     # The residual add sits between project and head.
     assert neighbours["project"] == ("depthwise", None)
     assert neighbours["head"] == (None, None)
+
+
+def test_layer_node_times_by_scope_then_order():
+    from exporters.onnx import layer_node_times
+
+    nodes = [
+        ("/blocks.0/act/Clip_output_0_nchwc", "Conv", 0.30),  # renamed: matched by order
+        ("ReorderOutput", "ReorderOutput", 0.05),
+        ("/blocks.0/project/Conv", "Conv", 0.20),
+        ("/head/Gemm", "FusedGemm", 0.10),
+    ]
+    layers = ["blocks.0.expand", "blocks.0.project", "head"]
+    times = layer_node_times(nodes, layers, run_ms=0.65)
+    assert times == {
+        "blocks.0.project": pytest.approx(0.20),
+        "head": pytest.approx(0.10),
+        "blocks.0.expand": pytest.approx(0.30),
+    }
+    # A profile 0.04 ms over the plain run loses 0.01 ms per node.
+    assert layer_node_times(nodes, layers, run_ms=0.61)["head"] == pytest.approx(0.09)
+
+
+def test_layer_node_times_leaves_unmatched_out():
+    from exporters.onnx import layer_node_times
+
+    nodes = [("/a/x_nchwc", "Conv", 0.3), ("/b/y_nchwc", "Conv", 0.2)]
+    assert layer_node_times(nodes, ["c"], run_ms=0.5) == {}
