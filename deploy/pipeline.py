@@ -1034,11 +1034,6 @@ def _plan(
             )
             entries = {x.name: costs.entry_for(x.name, 1.0, dense) for x in layers}
             fit = dataclasses.replace(fit, rates=fit_rates(in_model, entries, "fp32"))
-            if len(in_model) == len(layers):
-                # Everything the baseline spends outside its layers, attention's
-                # activation-by-activation MatMuls included, stays as passes shrink them.
-                outside = baseline["latency_ms"]["p50"] - sum(in_model.values())
-                fit = dataclasses.replace(fit, overhead_ms=max(outside, fit.call_ms or 0.0))
         if baseline_path is not None and any(o != dense for o in int8_plan.values()):
             anchor = _int8_anchor(
                 baseline_path, int8_plan, config.quantize, io_names, calibration, protocol
