@@ -2,29 +2,31 @@
 
 A variant's predicted latency is
 
-    overhead + scale x (sum over layers of net(entry) - what edges of one layout save)
-        + memory traffic of weights beyond the core's cache
+    overhead + sum over layers of cost(entry) - what edges of one layout save
 
 - ``net(entry)`` is the one-layer model's median less ``call_ms``, the cost of
   an empty session call measured beside it: a whole model pays the call once,
   not once per layer.
 - A one-layer model converts its input and output: NCHWc reorders around
   an fp32 conv, QuantizeLinear, transposes and DequantizeLinear around a
-  static int8 layer. Its entry includes them (``layout_ms``). Inside a
+  static int8 layer. Its entry records that time (``layout_in_ms``,
+  ``layout_out_ms``); the rest of ``net`` is the layer's compute. Inside a
   model a layer converts only on an edge to a neighbour of another layout,
   so each edge between two layers of one layout saves the output side of
-  the first and the input side of the second (``edge_savings``). An EfficientNet-Lite0 variant that
-  alternates int8 pointwise and fp32 depthwise convs pays a conversion on
-  almost every edge; the fp32 baseline on almost none.
-- ``overhead`` and ``scale`` are calibrated per model on the measured fp32
-  baseline. ``overhead`` is one session call plus the time the baseline
-  spends outside its layers (attention's softmax, normalization, GELU,
-  pooling, reshapes), measured as a share of its run time with ONNX
-  Runtime's profiler; no pass shrinks that part. ``scale`` maps the sum of
-  the baseline's net entries onto the rest of its measured median. It
-  absorbs what one-layer models do not show: ONNX Runtime fuses activations
-  into the layers and keeps the NCHWc layout between consecutive convs, so a
-  layer runs faster inside a model than alone.
+  the first and the input side of the second (``edge_savings``).
+- ``cost(entry)`` is the compute at the layer's in-model rate plus its
+  conversions (``Calibration.layer_ms``). A one-layer model runs with its
+  weights and input in cache, so inside a model the same layer computes at
+  a rate of its own. The rates come from ONNX Runtime's profiler on two
+  models measured on this machine: the fp32 baseline and the baseline
+  quantized whole (``fit_rates``). A layer without a rate, and every layer
+  when the profile is another device's, falls back to per-model factors:
+  ``scale`` on every net entry, ``int8_scale`` on int8 ones, and memory
+  traffic for weights beyond the core's cache (``calibrate``).
+- ``overhead`` is one session call plus the time the baseline spends
+  outside its layers (attention's softmax, normalization, GELU, pooling,
+  reshapes), measured as a share of its run time with ONNX Runtime's
+  profiler; no pass shrinks that part.
 
 A plan is priced as ONNX Runtime will run it. With static QDQ int8, ONNX
 Runtime quantizes a float Conv or Gemm that sits directly between two int8
@@ -57,10 +59,10 @@ logger = logging.getLogger(__name__)
 
 WITHIN = 0.10
 MIN_SCALE, MAX_SCALE = 0.5, 2.0
-# The share of the core's private cache that holds a model's weights; the
-# rest holds activations and everything else. NOTE: an estimate, chosen on
-# the digits CNN on one Xeon (docs/benchmarks.md), where half of the 2 MB L2
-# put 6 of 9 variants within 10% and the whole L2 put 3.
+# The share of the core's private cache left to a model's weights, because
+# activations and everything else use the rest. NOTE: an estimate, chosen
+# on one digits run on one Xeon (docs/benchmarks.md), where half of the 2 MB
+# L2 put 6 of 9 variants within 10% and the whole L2 put 3.
 WEIGHT_CACHE_SHARE = 0.5
 
 
@@ -176,7 +178,7 @@ class Calibration:
         ms_per_byte: what each byte of layer weights beyond ``cache_bytes``
             adds. Defaults to 0.
         int8_scale: how much slower int8 layers run inside the model than
-            their entries say, on top of ``scale``, fitted on the baseline
+            their entries give, on top of ``scale``, fitted on the baseline
             quantized whole (``fit_int8_scale``). Defaults to 1.
         rates: ``layer|precision`` -> how much slower the layer computes
             inside the model than its entry's compute, from the profiled
