@@ -346,9 +346,9 @@ class ChainLayer:
 def layout(entry: dict) -> str:
     """Return the tensor layout a layer of ``entry`` reads and writes inside ONNX Runtime's CPU graph.
 
-    ``int8``: static QDQ int8, uint8 NHWC tensors; ``nchwc``: an fp32 conv in
-    ONNX Runtime's blocked layout; ``plain``: float NCHW or row-major, which
-    an fp32 Linear and a dynamically quantized layer read.
+    ``int8`` is static QDQ int8, on uint8 NHWC tensors. ``nchwc`` is an fp32
+    conv in ONNX Runtime's blocked layout. ``plain`` is float NCHW or
+    row-major, which an fp32 Linear and a dynamically quantized layer read.
     """
     if entry.get("precision") == "int8" and entry.get("quantization", "static") == "static":
         return "int8"
@@ -435,9 +435,10 @@ def fit_rates(
     ``in_model`` is each layer's time inside the profiled model
     (``exporters.onnx.layer_node_times``) and ``entries`` the entry of the
     same layer and option. A one-layer model runs with its weights and
-    input in cache and spends part of its time converting layouts; inside
-    a model the compute runs at its own rate, clipped to 0.25x-4x here. An
-    entry whose compute is under a tenth of its net latency gives no rate.
+    input in cache, and spends part of its time converting layouts. So
+    inside a model the compute runs at its own rate, clipped here to
+    0.25x-4x. An entry whose compute is under a tenth of its net latency
+    gives no rate.
     """
     rates = {}
     for layer, ms in in_model.items():

@@ -1247,9 +1247,9 @@ def _build_variant(
 
 def _int8_islands(plans: list[Plan], choices, neighbours, method: str) -> list[Plan]:
     # ONNX Runtime quantizes a float layer directly between two int8 layers
-    # with per-tensor weights when it loads a QDQ file (runtime_int8), on a
-    # path far slower than per-channel int8: 1.4 ms against 0.26 ms for a
-    # 240-channel 5x5 depthwise conv at 28 x 28 on an AVX-512 Xeon. Such a
+    # with per-tensor weights when it loads a QDQ file (runtime_int8). That
+    # path is far slower than per-channel int8: 1.4 ms against 0.26 ms for a
+    # 240-channel 5x5 depthwise conv at 28 x 28 on an AVX-512 Xeon. So such a
     # layer is made per-channel int8 instead where int8 is one of its options.
     by_name = {c.name: c for c in choices}
     changed = 0

@@ -312,7 +312,7 @@ def _through_activations(
     node: onnx.NodeProto, single: dict
 ) -> tuple[onnx.NodeProto | None, str | None]:
     # The node that node's output reaches through a chain of single-consumer
-    # Relu or Clip nodes, and the tensor it reads; (None, None) where the
+    # Relu or Clip nodes, and the tensor it reads. (None, None) where the
     # chain branches or ends.
     current = node
     while current.output and current.output[0] in single:
@@ -353,11 +353,12 @@ def layer_neighbours(
 def runtime_quantized_nodes(proto: onnx.ModelProto) -> list[str]:
     """Return the float Conv and Gemm nodes of a QDQ graph that ONNX Runtime quantizes when it loads it.
 
-    ONNX Runtime's ``WeightBiasQuantization`` optimizer (1.20 and later)
-    rewrites a Conv or Gemm with a float weight initializer to int8, with a
-    symmetric per-tensor weight scale, when its input comes from a
-    per-tensor DequantizeLinear and its output reaches a QuantizeLinear
-    through single-consumer Relu or Clip nodes. A layer kept in float between
+    ONNX Runtime's ``WeightBiasQuantization`` optimizer (in 1.32, the
+    version this project runs) rewrites a Conv or Gemm with a float weight
+    initializer to int8, with a symmetric per-tensor weight scale. It does
+    so when the node's input comes from a per-tensor DequantizeLinear and
+    its output reaches a QuantizeLinear through single-consumer Relu or
+    Clip nodes. A layer kept in float between
     two int8 layers therefore runs in int8.
     """
     single = _single_consumers(proto)
