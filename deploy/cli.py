@@ -362,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except KeyboardInterrupt:
-        print(
-            "deploy: interrupted; pass --resume with the same --out to finish the run",
-            file=sys.stderr,
+        hint = (
+            "pass --resume with the same --out to finish the run"
+            if args.command == "optimize"
+            else "rerun the same command to go on where it stopped"
         )
+        print(f"deploy: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

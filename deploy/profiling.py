@@ -201,7 +201,15 @@ def _sweep(device_profile, costs, model, data, input_shape, space, allow_pickle)
         module = model if isinstance(model, torch.nn.Module) else load_model(model, allow_pickle)
         module.eval()
         example = _example_inputs(data, input_shape)
-        layers = analyze(module, example)
+        try:
+            layers = analyze(module, example)
+        except (RuntimeError, ValueError) as exc:
+            shape = tuple(example[0].shape)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DeployError(
+                f"the model does not run on an input of shape {shape} ({first}); pass the "
+                f"model's own input shape with --input-shape, batch first"
+            ) from exc
         if not layers:
             raise DeployError("the model has no Linear or Conv2d layer; nothing to profile")
         prunable = prunable_layers(module, example) if "prune" in space.passes else {}

@@ -187,3 +187,25 @@ def test_default_run_pick(default_run):
         timeout=300,
     )
     assert "artifact: run/variants/" in result.stdout
+
+
+def test_profile_wrong_input_shape(tmp_path):
+    result = subprocess.run(
+        [
+            *deploy_command(),
+            "profile",
+            "--out",
+            str(tmp_path / "p.yaml"),
+            "--model",
+            "deploy/zoo/digits.py",
+            "--input-shape",
+            "1,3,8,8",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "--input-shape" in result.stderr
+    assert "internal error" not in result.stderr
