@@ -1008,11 +1008,28 @@ def _plan(
         call_ms = statistics.median(
             costs.entry_for(x.name, 1.0, dense).get("call_ms", 0.0) for x in layers
         )
+        local = baseline_path is not None and local_profile_matches(profile)
+        sample = dict(zip(io_names or [], [a[:1] for a in calibration], strict=False))
+        base_ms = baseline["latency_ms"]["p50"]
+        outside_share = baseline.get("outside_layers_share", 0.0)
+        base_nodes = None
+        if local:
+            # The baseline timed and profiled again beside the entries, in fresh
+            # sessions: its first timing may have met other load.
+            base_ms = time_sessions(baseline_path, sample, protocol).p50
+            base_nodes = node_profile(baseline_path, sample, protocol.threads, runs=30)
+            ops = {}
+            for _, op, ms in base_nodes:
+                total_ms, count = ops.get(op, (0.0, 0))
+                ops[op] = (total_ms + ms, count + 1)
+            outside_share = outside_layers_share(
+                unprofiled_op_times(ops, max(base_ms - call_ms, 0.0))
+            )
         fit = calibrate(
-            baseline["latency_ms"]["p50"],
+            base_ms,
             layer_sum,
             call_ms,
-            outside_share=baseline.get("outside_layers_share", 0.0),
+            outside_share=outside_share,
             weight_bytes=base_weights,
             cache_bytes=profile.data["device"].get("cache_bytes")
             or (core_cache_bytes() if local_profile_matches(profile) else None),
@@ -1021,17 +1038,11 @@ def _plan(
             x.name: Option("dense", "int8") if Option("dense", "int8") in options[x.name] else dense
             for x in layers
         }
-        local = baseline_path is not None and local_profile_matches(profile)
-        sample = dict(zip(io_names or [], [a[:1] for a in calibration], strict=False))
         names_in_order = [x.name for x in layers]
-        if local:
+        if base_nodes is not None:
             # How fast each layer computes inside the fp32 baseline, from ONNX
             # Runtime's profiler; only meaningful where the profile is this machine's.
-            in_model = layer_node_times(
-                node_profile(baseline_path, sample, protocol.threads, runs=30),
-                names_in_order,
-                max(baseline["latency_ms"]["p50"] - call_ms, 0.0),
-            )
+            in_model = layer_node_times(base_nodes, names_in_order, max(base_ms - call_ms, 0.0))
             entries = {x.name: costs.entry_for(x.name, 1.0, dense) for x in layers}
             fit = dataclasses.replace(fit, rates=fit_rates(in_model, entries, "fp32"))
         if baseline_path is not None and any(o != dense for o in int8_plan.values()):
