@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -145,7 +146,11 @@ def test_jetson_integrates_changing_power(ina3221):
     current = next(ina3221.glob("**/curr1_input"))
     reader.start()
     time.sleep(0.1)
-    current.write_text("3000\n")  # 5 W -> 15 W half way
+    # 5 W -> 15 W half way. Replace the file whole, as sysfs shows a new value
+    # at once: write_text truncates first, and the reader could see it empty.
+    staged = current.with_name("curr1_input.new")
+    staged.write_text("3000\n")
+    os.replace(staged, current)
     time.sleep(0.1)
     joules = reader.stop()
     # 0.1 s at 5 W then 0.1 s at 15 W is 2 J; sleeps overrun, so allow a margin.
