@@ -280,6 +280,8 @@ def _pick(args) -> int:
 def _profile(args) -> int:
     from deploy.profiling import check, profile
 
+    if args.json and not args.check:
+        raise DeployError("--json applies to --check RUN_DIR only; drop it, or pass --check")
     if args.check:
         summary = check(args.check, args.retime)
         if args.json:

@@ -155,12 +155,18 @@ def profile(
     if out.suffix not in (".yaml", ".yml", ".json"):
         raise DeployError(f"profile file {out} must end in .yaml or .json")
     space = space or SearchSpace()
+    created = not out.exists()
     device_profile = _open_profile(out, threads)
     # Saving rewrites and revalidates the whole file, so entries are saved in
     # groups of five, and once more on any exit (Ctrl-C included).
     costs = CostTable(device_profile, save_every=5)
     try:
         _sweep(device_profile, costs, model, data, input_shape, space, allow_pickle)
+    except BaseException:
+        if created and not device_profile.data["latency_table"]:
+            # A bad model or input shape: leave no empty profile behind.
+            out.unlink(missing_ok=True)
+        raise
     finally:
         costs.flush()
     logger.info(

@@ -209,3 +209,5 @@ def test_profile_wrong_input_shape(tmp_path):
     assert result.returncode == 2
     assert "--input-shape" in result.stderr
     assert "internal error" not in result.stderr
+    # No empty profile is left behind.
+    assert not (tmp_path / "p.yaml").exists()

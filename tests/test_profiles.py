@@ -695,3 +695,9 @@ def test_predict_plan_prices_runtime_int8():
     # b runs in int8: 3 x 0.4 ms instead of 0.4 + 1.0 + 0.4.
     assert prediction.latency_ms == pytest.approx(1.2)
     assert prediction.runtime_int8 == ["b"]
+
+
+def test_profile_json_needs_check(tmp_path, capsys):
+    assert main(["profile", "--out", str(tmp_path / "p.yaml"), "--json"]) == 2
+    assert "--json applies to --check" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
