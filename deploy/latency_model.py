@@ -21,7 +21,7 @@ A variant's predicted latency is
   models measured on this machine: the fp32 baseline and the baseline
   quantized whole (``fit_rates``). A layer without a rate, and every layer
   when the profile is another device's, falls back to per-model factors:
-  ``scale`` on every net entry, ``int8_scale`` on int8 ones, and memory
+  ``scale`` on every net entry, and memory
   traffic for weights beyond the core's cache (``calibrate``).
 - ``overhead`` is one session call plus the time the baseline spends
   outside its layers (attention's softmax, normalization, GELU, pooling,
@@ -177,14 +177,11 @@ class Calibration:
             None. Defaults to None.
         ms_per_byte: what each byte of layer weights beyond ``cache_bytes``
             adds. Defaults to 0.
-        int8_scale: how much slower int8 layers run inside the model than
-            their entries give, on top of ``scale``, fitted on the baseline
-            quantized whole (``fit_int8_scale``). Defaults to 1.
         rates: ``layer|precision`` -> how much slower the layer computes
             inside the model than its entry's compute, from the profiled
             baseline and the profiled baseline quantized whole
-            (``fit_rates``). A layer with a rate ignores ``scale``,
-            ``int8_scale`` and ``ms_per_byte``. Defaults to none.
+            (``fit_rates``). A layer with a rate ignores ``scale`` and
+            ``ms_per_byte``. Defaults to none.
     """
 
     overhead_ms: float
@@ -192,7 +189,6 @@ class Calibration:
     call_ms: float | None = None
     cache_bytes: int | None = None
     ms_per_byte: float = 0.0
-    int8_scale: float = 1.0
     rates: dict = dataclasses.field(default_factory=dict)
 
     def rate(self, layer: str, precision: str) -> float | None:
@@ -204,20 +200,20 @@ class Calibration:
 
         With a rate, the entry's compute (net less ``layout_ms``) runs at the
         rate and its conversions as measured. Without, the net entry is
-        multiplied by ``scale`` (and by ``int8_scale`` for an int8 entry).
+        multiplied by ``scale``.
         """
         net = net_ms(entry)
         rate = self.rate(layer, entry.get("precision", "fp32"))
         if rate is None:
-            return net * self.scale * (self.int8_scale if entry.get("precision") == "int8" else 1.0)
+            return net * self.scale
         layout = min(float(entry.get("layout_ms", 0.0)), net)
         return rate * (net - layout) + layout
 
     def edge_weight(self, layer: str, entry: dict) -> float:
-        """Return the factor on what ``layer``'s edges save: 1 with a rate, the scales without."""
+        """Return the factor on what ``layer``'s edges save: 1 with a rate, ``scale`` without."""
         if self.rate(layer, entry.get("precision", "fp32")) is not None:
             return 1.0
-        return self.scale * (self.int8_scale if entry.get("precision") == "int8" else 1.0)
+        return self.scale
 
     def memory_ms(self, weight_bytes: float) -> float:
         """Return the memory traffic term for a model of ``weight_bytes`` bytes of layer weights."""
@@ -303,9 +299,10 @@ class Prediction:
     Attributes:
         latency_ms: the prediction.
         overhead_ms: the per-model overhead it includes.
-        scale: the per-model scale applied to every net entry.
-        layers_ms: the sum of the layers' scaled net entries.
-        edges_ms: what edges between layers of one layout save, scaled
+        scale: the per-model scale applied to net entries of layers
+            without an in-model rate.
+        layers_ms: the sum of the layers' costs (``Calibration.layer_ms``).
+        edges_ms: what edges between layers of one layout save
             (conversions the one-layer entries include; see ``edge_savings``).
         interpolated: layers whose entry was interpolated, not measured.
         call_ms: the session call within ``overhead_ms``.
@@ -314,8 +311,6 @@ class Prediction:
         weight_bytes: the layers' weights, in bytes.
         runtime_int8: float layers of the plan that ONNX Runtime runs in
             int8 (``runtime_int8``), priced as int8.
-        int8_scale: ``Calibration.int8_scale``, applied to the int8 layers
-            within ``layers_ms`` and ``edges_ms``.
     """
 
     latency_ms: float
@@ -328,7 +323,6 @@ class Prediction:
     memory_ms: float = 0.0
     weight_bytes: float = 0.0
     runtime_int8: list[str] = dataclasses.field(default_factory=list)
-    int8_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -369,9 +363,7 @@ def plan_entries(chain, plan_layers: dict, costs) -> list[dict]:
     return entries
 
 
-def edge_savings(
-    chain, plan_layers: dict, costs, int8_scale: float = 1.0, weight=None
-) -> tuple[float, list[str]]:
+def edge_savings(chain, plan_layers: dict, costs, weight=None) -> tuple[float, list[str]]:
     """Return what the edges of a plan save against the sum of its layers' entries, in ms, unscaled.
 
     A one-layer entry converts its input and its output (``layout_ms``): an
@@ -381,9 +373,8 @@ def edge_savings(
     as ``plain``. The input side costs ``layout_in_ms`` and the output side
     ``layout_out_ms``, or half of ``layout_ms`` each in older entries.
     Entries measured before ``layout_ms`` existed fall back to
-    ``boundary_ms``, saved on each int8 -> int8 edge. What int8 layers save
-    is multiplied by ``int8_scale``. Also returns the layers whose entry was
-    interpolated.
+    ``boundary_ms``, saved on each int8 -> int8 edge. Also returns the
+    layers whose entry was interpolated.
 
     Args:
         chain: the layers in run order, each with ``name``, ``input_from``
@@ -391,10 +382,9 @@ def edge_savings(
             ``passthrough``; the planner's ``LayerChoices`` qualify.
         plan_layers: layer name -> ``Option``.
         costs: the ``CostTable`` behind the plan's latencies.
-        int8_scale: ``Calibration.int8_scale``. Defaults to 1.
         weight: a function of (layer name, entry) returning the factor on
-            what that layer saves, in place of ``int8_scale``
-            (``Calibration.edge_weight``). Defaults to None.
+            what that layer saves (``Calibration.edge_weight``). Defaults to
+            None, a factor of 1.
     """
     chain = list(chain)
     entries = plan_entries(chain, plan_layers, costs)
@@ -406,9 +396,7 @@ def edge_savings(
     layouts = ["plain", *(layout(e) for e in entries), "plain"]
     saved = 0.0
     for k, entry in enumerate(entries):
-        factor = int8_scale if layouts[k + 1] == "int8" else 1.0
-        if weight is not None:
-            factor = weight(chain[k].name, entry)
+        factor = 1.0 if weight is None else weight(chain[k].name, entry)
         if "layout_ms" in entry:
             half = float(entry["layout_ms"]) / 2
             into = float(entry.get("layout_in_ms", half))
@@ -418,13 +406,6 @@ def edge_savings(
         elif k and layouts[k] == layouts[k + 1] == "int8":
             saved += float(entry.get("boundary_ms", 0.0)) * factor
     return saved, interpolated
-
-
-def plan_layers_ms(chain, plan_layers: dict, costs, int8_scale: float = 1.0) -> float:
-    """Return a plan's net entries, int8 ones times ``int8_scale``, less its edge savings; unscaled."""
-    entries = plan_entries(list(chain), plan_layers, costs)
-    total = sum(net_ms(e) * (int8_scale if e.get("precision") == "int8" else 1.0) for e in entries)
-    return total - edge_savings(chain, plan_layers, costs, int8_scale)[0]
 
 
 def fit_rates(
@@ -451,27 +432,6 @@ def fit_rates(
             continue
         rates[f"{layer}|{precision}"] = min(max(ms / compute, 0.25), 4.0)
     return rates
-
-
-def fit_int8_scale(
-    calibration: Calibration, chain, int8_plan: dict, costs, measured_ms: float
-) -> float:
-    """Return ``int8_scale`` fitted on the baseline quantized whole, measured at ``measured_ms``.
-
-    One-layer int8 entries leave out what an int8 layer costs inside a
-    model: its weights and activations out of cache, and kernels ONNX
-    Runtime picks by layout. ``int8_plan`` puts every layer that may be int8
-    in int8, as the measured file does. The fit is clipped to [0.5, 3].
-    """
-    entries = plan_entries(list(chain), int8_plan, costs)
-    weights = sum(weight_bytes(e) for e in entries)
-    fp32_part = plan_layers_ms(chain, int8_plan, costs, 0.0)
-    int8_part = plan_layers_ms(chain, int8_plan, costs, 1.0) - fp32_part
-    if int8_part <= 0:
-        return 1.0
-    rest = measured_ms - calibration.overhead_ms - calibration.memory_ms(weights)
-    fitted = (rest - calibration.scale * fp32_part) / (calibration.scale * int8_part)
-    return min(max(fitted, 0.5), 3.0)
 
 
 def runtime_int8(plan_layers: dict, neighbours: dict | None, quantization: str) -> set[str]:
@@ -549,7 +509,6 @@ def predict_plan(
         memory,
         weights,
         sorted(quantized),
-        calibration.int8_scale,
     )
 
 

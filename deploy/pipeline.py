@@ -43,7 +43,6 @@ from deploy.latency_model import (
     ChainLayer,
     calibrate,
     edge_savings,
-    fit_int8_scale,
     fit_rates,
     outside_layers_share,
     plan_entries,
@@ -86,6 +85,7 @@ from exporters.onnx import (
     nodes_of_module,
     onnx_from_torch,
     op_profile,
+    op_totals,
     quantize_onnx,
     runtime_quantized_nodes,
     unprofiled_op_times,
@@ -1018,12 +1018,8 @@ def _plan(
             # sessions: its first timing may have met other load.
             base_ms = time_sessions(baseline_path, sample, protocol).p50
             base_nodes = node_profile(baseline_path, sample, protocol.threads, runs=30)
-            ops = {}
-            for _, op, ms in base_nodes:
-                total_ms, count = ops.get(op, (0.0, 0))
-                ops[op] = (total_ms + ms, count + 1)
             outside_share = outside_layers_share(
-                unprofiled_op_times(ops, max(base_ms - call_ms, 0.0))
+                unprofiled_op_times(op_totals(base_nodes), max(base_ms - call_ms, 0.0))
             )
         fit = calibrate(
             base_ms,
@@ -1045,12 +1041,16 @@ def _plan(
             in_model = layer_node_times(base_nodes, names_in_order, max(base_ms - call_ms, 0.0))
             entries = {x.name: costs.entry_for(x.name, 1.0, dense) for x in layers}
             fit = dataclasses.replace(fit, rates=fit_rates(in_model, entries, "fp32"))
-        if baseline_path is not None and any(o != dense for o in int8_plan.values()):
+        # The baseline quantized whole is measured on this machine, so it
+        # calibrates a profile of this machine only.
+        anchor = None
+        if local and any(o != dense for o in int8_plan.values()):
             anchor = _int8_anchor(
                 baseline_path, int8_plan, config.quantize, io_names, calibration, protocol
             )
-            if anchor is not None and local:
-                anchor_ms, nodes = anchor
+        if anchor is not None:
+            anchor_ms, nodes = anchor
+            if base_nodes is not None:
                 in_model = layer_node_times(nodes, names_in_order, max(anchor_ms - call_ms, 0.0))
                 entries = {
                     name: costs.entry_for(name, 1.0, option)
@@ -1059,24 +1059,13 @@ def _plan(
                 }
                 rates = {**fit.rates, **fit_rates(in_model, entries, "int8")}
                 fit = dataclasses.replace(fit, rates=rates)
-                logger.info(
-                    "    in-model rates of %d of %d layers from the profiled fp32 baseline and "
-                    "the baseline quantized whole (%.3f ms)",
-                    len({key.split("|")[0] for key in fit.rates}),
-                    len(layers),
-                    anchor_ms,
-                )
-            elif anchor is not None:
-                anchor_ms = anchor[0]
-                fit = dataclasses.replace(
-                    fit, int8_scale=fit_int8_scale(fit, chain, int8_plan, costs, anchor_ms)
-                )
-                logger.info(
-                    "    the baseline quantized whole ran at %.3f ms: int8 layers take %.2fx "
-                    "their latency table entries inside the model",
-                    anchor_ms,
-                    fit.int8_scale,
-                )
+            logger.info(
+                "    in-model rates of %d of %d layers from the profiled fp32 baseline and "
+                "the baseline quantized whole (%.3f ms)",
+                len({key.split("|")[0] for key in fit.rates}),
+                len(layers),
+                anchor_ms,
+            )
         latency = {
             (name, keep, option): fit.layer_ms(name, costs.entry_for(name, keep, option))
             for (name, keep, option) in latency
