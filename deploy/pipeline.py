@@ -1021,14 +1021,17 @@ def _plan(
             outside_share = outside_layers_share(
                 unprofiled_op_times(op_totals(base_nodes), max(base_ms - call_ms, 0.0))
             )
+        # A profile of another device differs from this machine's baseline by
+        # the two devices' speeds, not by load: no warning about a busy machine.
         fit = calibrate(
             base_ms,
             layer_sum,
             call_ms,
+            warn=local,
             outside_share=outside_share,
             weight_bytes=base_weights,
             cache_bytes=profile.data["device"].get("cache_bytes")
-            or (core_cache_bytes() if local_profile_matches(profile) else None),
+            or (core_cache_bytes() if local else None),
         )
         int8_plan = {
             x.name: Option("dense", "int8") if Option("dense", "int8") in options[x.name] else dense
