@@ -177,6 +177,9 @@ class Calibration:
             None. Defaults to None.
         ms_per_byte: what each byte of layer weights beyond ``cache_bytes``
             adds. Defaults to 0.
+        activation_bytes: the bytes the baseline's layers write per call
+            (``activation_bytes``), or None to keep the overhead fixed.
+            Defaults to None.
         rates: ``layer|precision`` -> how much slower the layer computes
             inside the model than its entry's compute, from the profiled
             baseline and the profiled baseline quantized whole
@@ -190,6 +193,22 @@ class Calibration:
     cache_bytes: int | None = None
     ms_per_byte: float = 0.0
     rates: dict = dataclasses.field(default_factory=dict)
+    activation_bytes: float | None = None
+
+    def overhead_for(self, entries: list[dict]) -> float:
+        """Return the overhead of a plan whose layers have ``entries``.
+
+        The operators outside the layers (pooling, flattening, layout
+        changes, normalization) read the layers' outputs. So their time,
+        ``overhead_ms`` less the session call, scales with the bytes the
+        layers write, against the baseline's ``activation_bytes``: an int8
+        layer writes 1 byte per value, and a pruned one fewer channels.
+        """
+        call = self.overhead_ms if self.call_ms is None else self.call_ms
+        written = activation_bytes(entries)
+        if not self.activation_bytes or written is None:
+            return self.overhead_ms
+        return call + (self.overhead_ms - call) * written / self.activation_bytes
 
     def rate(self, layer: str, precision: str) -> float | None:
         """Return the layer's in-model rate at ``precision`` (``fit_rates``), or None."""
@@ -220,6 +239,21 @@ class Calibration:
         if not self.cache_bytes or not self.ms_per_byte or self.rates:
             return 0.0
         return self.ms_per_byte * max(weight_bytes - self.cache_bytes, 0.0)
+
+
+def activation_bytes(entries: list[dict]) -> float | None:
+    """Return the bytes a plan's layers write per batch-1 call, or None where an entry has no shapes.
+
+    A static int8 layer writes 1 byte per value, any other 4.
+    """
+    total = 0.0
+    for entry in entries:
+        if "input_shape" not in entry or "weight_shape" not in entry:
+            return None
+        spec = spec_of_entry(entry)
+        values = spec.out_features * spec.output_positions
+        total += values * (1 if layout(entry) == "int8" else 4)
+    return total
 
 
 def weight_bytes(entry: dict) -> float:
@@ -496,11 +530,12 @@ def predict_plan(
     )
     weights = sum(weight_bytes(e) for e in entries)
     memory = calibration.memory_ms(weights)
-    latency = calibration.overhead_ms + max(total - edges_ms, 0.0) + memory
+    overhead = calibration.overhead_for(entries)
+    latency = overhead + max(total - edges_ms, 0.0) + memory
     call = calibration.overhead_ms if calibration.call_ms is None else calibration.call_ms
     return Prediction(
         latency,
-        calibration.overhead_ms,
+        overhead,
         calibration.scale,
         total,
         edges_ms,

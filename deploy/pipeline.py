@@ -41,6 +41,7 @@ from deploy.errors import DeployError
 from deploy.finetune import FinetuneConfig, distill
 from deploy.latency_model import (
     ChainLayer,
+    activation_bytes,
     calibrate,
     edge_savings,
     fit_rates,
@@ -1069,6 +1070,9 @@ def _plan(
                 len(layers),
                 anchor_ms,
             )
+        fit = dataclasses.replace(
+            fit, activation_bytes=activation_bytes(plan_entries(chain, base_plan, costs))
+        )
         latency = {
             (name, keep, option): fit.layer_ms(name, costs.entry_for(name, keep, option))
             for (name, keep, option) in latency
