@@ -26,7 +26,9 @@ A variant's predicted latency is
 - ``overhead`` is one session call plus the time the baseline spends
   outside its layers (attention's softmax, normalization, GELU, pooling,
   reshapes), measured as a share of its run time with ONNX Runtime's
-  profiler; no pass shrinks that part.
+  profiler. Those operators read what the layers write, so that time
+  scales with the bytes the plan's layers write (``activation_bytes``):
+  int8 and pruned layers write fewer, low-rank ones as many.
 
 A plan is priced as ONNX Runtime will run it. With static QDQ int8, ONNX
 Runtime quantizes a float Conv or Gemm that sits directly between two int8

@@ -701,3 +701,24 @@ def test_profile_json_needs_check(tmp_path, capsys):
     assert main(["profile", "--out", str(tmp_path / "p.yaml"), "--json"]) == 2
     assert "--json applies to --check" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_activation_bytes_by_layout():
+    from deploy.latency_model import activation_bytes
+
+    conv = _entry(weight_shape=[8, 16, 3, 3], p50_ms=0.1)
+    # 8 channels of 8 x 8 outputs (padding 1), 4 bytes each in fp32, 1 in int8.
+    assert activation_bytes([conv]) == 8 * 64 * 4
+    assert activation_bytes([{**conv, "precision": "int8"}]) == 8 * 64
+    assert activation_bytes([{"p50_ms": 0.1}]) is None
+
+
+def test_overhead_scales_with_written_bytes():
+    conv = _entry(weight_shape=[8, 16, 3, 3], p50_ms=0.1)
+    base = 8 * 64 * 4
+    calibration = Calibration(0.3, 1.0, call_ms=0.1, activation_bytes=base)
+    assert calibration.overhead_for([conv]) == pytest.approx(0.3)
+    # An int8 layer writes a quarter of the bytes: a quarter of the 0.2 ms outside.
+    assert calibration.overhead_for([{**conv, "precision": "int8"}]) == pytest.approx(0.15)
+    # Entries without shapes keep the overhead.
+    assert calibration.overhead_for([{"p50_ms": 0.1}]) == pytest.approx(0.3)
