@@ -17,6 +17,7 @@ import datetime
 import difflib
 import errno
 import hashlib
+import io
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from deploy.data import Dataset, dataset_from_arrays, load_data
 from deploy.errors import DeployError
 from deploy.finetune import FinetuneConfig, distill
 from deploy.latency_model import (
+    TIMING_INPUT,
     ChainLayer,
     activation_bytes,
     calibrate,
@@ -939,6 +941,11 @@ def _retime_side_by_side(
     own timings play no part in them.
     """
     entries = [e for e in [baseline, *variants] if e["status"] == "ok"]
+    # The input timed here, kept for 'deploy profile --check --retime'.
+    inputs = {f"input_{k}": a[:1] for k, a in enumerate(data.inputs)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **inputs)
+    write_atomic(partial / TIMING_INPUT, buffer.getvalue())
     timed = time_side_by_side({e["name"]: partial / e["artifact"] for e in entries}, data, protocol)
     baseline_p50 = timed["baseline"]["p50"]
     for entry in entries:

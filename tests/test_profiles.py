@@ -722,3 +722,37 @@ def test_overhead_scales_with_written_bytes():
     assert calibration.overhead_for([{**conv, "precision": "int8"}]) == pytest.approx(0.15)
     # Entries without shapes keep the overhead.
     assert calibration.overhead_for([{"p50_ms": 0.1}]) == pytest.approx(0.3)
+
+
+def test_retime_uses_saved_timing_input(tmp_path, monkeypatch):
+    from deploy.latency_model import TIMING_INPUT
+    from exporters.onnx import OnnxRunner
+
+    _relu_model(tmp_path / "baseline.onnx")
+    manifest = {
+        "protocol": {"warmup": 1, "runs": 2, "threads": 1},
+        "baseline": {"artifact": "baseline.onnx", "latency_ms": {"p50": 1.0}},
+        "variants": [
+            {
+                "name": "v1",
+                "artifact": "baseline.onnx",
+                "status": "ok",
+                "latency_ms": {"p50": 1.0},
+                "predicted_latency_ms": 1.0,
+            }
+        ],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    saved = np.full((1, 4), 7.0, np.float32)
+    np.savez(tmp_path / TIMING_INPUT, input_0=saved)
+    seen = []
+    original = OnnxRunner.time
+
+    def spy(self, feeds, protocol):
+        seen.append(feeds["input"])
+        return original(self, feeds, protocol)
+
+    monkeypatch.setattr(OnnxRunner, "time", spy)
+    check_run(tmp_path, retime_rounds=1)
+    assert seen
+    assert all(np.array_equal(feed, saved) for feed in seen)
