@@ -600,7 +600,7 @@ def retime_run(run_dir: Path, manifest: dict, names: list[str], rounds: int) -> 
     shapes = protocol.get("input_shapes")
     saved = None
     if (run_dir / TIMING_INPUT).is_file():
-        # The run's own input: MiniLM's variants ran up to 35% faster on
+        # The run's own input: MiniLM's variants ran up to 36% faster on
         # synthetic token ids than on the run's sentences.
         with np.load(run_dir / TIMING_INPUT, allow_pickle=False) as archive:
             saved = [archive[f"input_{k}"] for k in range(len(archive.files))]
