@@ -64,9 +64,9 @@ WITHIN = 0.10
 TIMING_INPUT = "timing_input.npz"
 MIN_SCALE, MAX_SCALE = 0.5, 2.0
 # The share of the core's private cache left to a model's weights, because
-# activations and everything else use the rest. NOTE: an estimate, chosen
-# on one digits run on one Xeon (docs/benchmarks.md), where half of the 2 MB
-# L2 put 6 of 9 variants within 10% and the whole L2 put 3.
+# activations and everything else use the rest. NOTE: an estimate. On one
+# digits run on a Xeon with a 2 MB L2, before in-model rates existed, half
+# the L2 put 6 of 9 variants within 10% and the whole L2 put 3.
 WEIGHT_CACHE_SHARE = 0.5
 
 

@@ -56,7 +56,7 @@ SESSIONS = 3
 def time_sessions(
     path: Path, feeds: dict[str, np.ndarray], protocol: TimingProtocol, sessions: int = SESSIONS
 ) -> Latency:
-    """Time ``path`` in ``sessions`` fresh sessions; return the medians of their p50 and p90."""
+    """Return the medians of the p50 and p90 of ``path``, timed in ``sessions`` fresh sessions."""
     timed = [OnnxRunner(path, protocol.threads).time(feeds, protocol) for _ in range(sessions)]
     return Latency(
         p50=float(np.median([t.p50 for t in timed])),
@@ -197,12 +197,6 @@ def _conversions(nodes: list[tuple[str, str, float]], run_ms: float) -> tuple[fl
             before += net / 2
             after += net / 2
     return before, after
-
-
-def session_call_ms(input_shape: tuple[int, ...], protocol: TimingProtocol) -> float:
-    """Return the median latency of an Identity model on ``input_shape``: one session call."""
-    with tempfile.TemporaryDirectory(prefix="deploy-measure-") as workdir:
-        return _time_reference(Path(workdir), tuple(input_shape), False, protocol)
 
 
 def measure_spec(

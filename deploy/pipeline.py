@@ -54,7 +54,7 @@ from deploy.latency_model import (
     runtime_int8,
     weight_bytes,
 )
-from deploy.measure import session_call_ms, time_sessions
+from deploy.measure import time_sessions
 from deploy.models import load_model
 from deploy.passes.lowrank import LowRankConfig, apply_lowrank
 from deploy.passes.prune import PruneConfig, apply_prune, prunable_layers
@@ -87,7 +87,6 @@ from exporters.onnx import (
     node_profile,
     nodes_of_module,
     onnx_from_torch,
-    op_profile,
     op_totals,
     quantize_onnx,
     runtime_quantized_nodes,
@@ -737,24 +736,10 @@ def _run(
             _check_sequence_lengths(partial / "baseline.onnx", original, validation_set, axes)
             baseline = _entry("baseline", "baseline.onnx", check, None, None, "fp32 baseline")
             _save_json(partial / "baseline.json", baseline)
-        if "outside_layers_share" not in baseline:
-            # What no pass shrinks: the share of the baseline's time spent in
-            # operators of no layer, from ONNX Runtime's profiler.
-            # NOTE: measured on this machine, also when the profile is another device's.
-            sample = dict(zip(names, [a[:1] for a in validation_set.inputs], strict=True))
-            ops = op_profile(partial / "baseline.onnx", sample, protocol.threads)
-            run_ms = baseline["latency_ms"]["p50"] - session_call_ms(
-                validation_set.inputs[0][:1].shape, protocol
-            )
-            baseline["outside_layers_share"] = outside_layers_share(
-                unprofiled_op_times(ops, run_ms)
-            )
-            _save_json(partial / "baseline.json", baseline)
         logger.info(
-            "    baseline p50 %.3f ms, accuracy %s, %.1f%% of its time outside the layers",
+            "    baseline p50 %.3f ms, accuracy %s",
             baseline["latency_ms"]["p50"],
             format_quality(baseline["accuracy"]),
-            100 * baseline["outside_layers_share"],
         )
 
     keep_float = resolve_keep_float(config.quantize.keep_float, original, partial / "baseline.onnx")
@@ -827,6 +812,7 @@ def _run(
 
     with _Stage(6, total, "time the baseline and the variants side by side"):
         baseline["predicted_latency_ms"] = planned["baseline_predicted_ms"]
+        baseline["outside_layers_share"] = planned.get("outside_layers_share", 0.0)
         _retime_side_by_side(partial, baseline, variants, validation_set, protocol)
 
     with _Stage(7, total, "report"):
@@ -1019,18 +1005,25 @@ def _plan(
         local = baseline_path is not None and local_profile_matches(profile)
         sample = dict(zip(io_names or [], [a[:1] for a in calibration], strict=False))
         base_ms = baseline["latency_ms"]["p50"]
-        outside_share = baseline.get("outside_layers_share", 0.0)
+        outside_share = 0.0
         base_nodes = None
-        if local:
+        if baseline_path is not None:
             # The baseline timed and profiled again beside the entries, in fresh
-            # sessions: its first timing may have met other load.
+            # sessions, because its first timing may have met other load. The
+            # share of its time in operators of no layer stays with every plan.
+            # NOTE: measured on this machine, also when the profile is another device's.
             base_ms = time_sessions(baseline_path, sample, protocol).p50
             base_nodes = node_profile(baseline_path, sample, protocol.threads, runs=30)
             outside_share = outside_layers_share(
                 unprofiled_op_times(op_totals(base_nodes), max(base_ms - call_ms, 0.0))
             )
+            logger.info(
+                "    baseline p50 %.3f ms beside the entries, %.1f%% of it outside the layers",
+                base_ms,
+                100 * outside_share,
+            )
         # A profile of another device differs from this machine's baseline by
-        # the two devices' speeds, not by load: no warning about a busy machine.
+        # the two devices' speeds, not by load, so only this machine's warns.
         fit = calibrate(
             base_ms,
             layer_sum,
@@ -1046,9 +1039,9 @@ def _plan(
             for x in layers
         }
         names_in_order = [x.name for x in layers]
-        if base_nodes is not None:
+        if local:
             # How fast each layer computes inside the fp32 baseline, from ONNX
-            # Runtime's profiler; only meaningful where the profile is this machine's.
+            # Runtime's profiler. Only meaningful where the profile is this machine's.
             in_model = layer_node_times(base_nodes, names_in_order, max(base_ms - call_ms, 0.0))
             entries = {x.name: costs.entry_for(x.name, 1.0, dense) for x in layers}
             fit = dataclasses.replace(fit, rates=fit_rates(in_model, entries, "fp32"))
@@ -1061,15 +1054,14 @@ def _plan(
             )
         if anchor is not None:
             anchor_ms, nodes = anchor
-            if base_nodes is not None:
-                in_model = layer_node_times(nodes, names_in_order, max(anchor_ms - call_ms, 0.0))
-                entries = {
-                    name: costs.entry_for(name, 1.0, option)
-                    for name, option in int8_plan.items()
-                    if option.precision == "int8"
-                }
-                rates = {**fit.rates, **fit_rates(in_model, entries, "int8")}
-                fit = dataclasses.replace(fit, rates=rates)
+            in_model = layer_node_times(nodes, names_in_order, max(anchor_ms - call_ms, 0.0))
+            entries = {
+                name: costs.entry_for(name, 1.0, option)
+                for name, option in int8_plan.items()
+                if option.precision == "int8"
+            }
+            rates = {**fit.rates, **fit_rates(in_model, entries, "int8")}
+            fit = dataclasses.replace(fit, rates=rates)
             logger.info(
                 "    in-model rates of %d of %d layers from the profiled fp32 baseline and "
                 "the baseline quantized whole (%.3f ms)",
@@ -1156,6 +1148,7 @@ def _plan(
     return {
         "overhead_ms": overhead,
         "baseline_predicted_ms": base_prediction.latency_ms,
+        "outside_layers_share": outside_share,
         "plans": [p.to_dict() for p in plans],
     }
 
@@ -1298,7 +1291,7 @@ def _int8_anchor(
     baseline_path: Path, int8_plan: dict, quantize: QuantizeConfig, names, calibration, protocol
 ) -> tuple[float, list] | None:
     # The baseline with every layer that may be int8 quantized: its p50, timed
-    # like an entry, and its profiled nodes; None where quantizing it fails.
+    # like an entry, and its profiled nodes. None where quantizing it fails.
     path = baseline_path.with_name("baseline.int8-anchor.onnx")
     layers = [name for name, option in int8_plan.items() if option.precision == "int8"]
     feeds = _feeds(names, calibration) if quantize.method == "static" else None

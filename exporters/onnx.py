@@ -293,8 +293,8 @@ def quantized_nodes(proto: onnx.ModelProto, names: Iterable[str]) -> list[str]:
     return found
 
 
-# Activations ONNX Runtime's QDQ fusion lets sit between a layer and the
-# QuantizeLinear of its output.
+# Activation operators that ONNX Runtime's QDQ fusion allows between a layer
+# and the QuantizeLinear of its output.
 _FUSED_ACTIVATIONS = ("Relu", "Clip")
 
 
@@ -621,7 +621,7 @@ class OnnxRunner:
 
 
 # Operator types of ONNX Runtime's optimized CPU graphs that compute a Conv2d
-# or Linear layer; every other operator converts, reshapes or normalizes.
+# or Linear layer. Every other operator converts, reshapes or normalizes.
 LAYER_OPS = frozenset(
     {
         "Conv",
@@ -642,7 +642,7 @@ LAYER_OPS = frozenset(
 
 
 def unprofiled_op_times(ops: dict[str, tuple[float, int]], run_ms: float) -> dict[str, float]:
-    """Return ``op_profile``'s times with the profiler's own cost per node taken off.
+    """Return ``op_totals``' times with the profiler's own cost per node taken off.
 
     The profiler adds to every node what recording it costs, 1-2 us on a fast
     CPU: most of a MaxPool or a Reorder in a small model. The excess of the
@@ -718,14 +718,14 @@ def layer_node_times(
     """
     total = sum(ms for _, _, ms in nodes)
     excess = max(total - run_ms, 0.0) / len(nodes) if nodes else 0.0
-    wanted = set(layers)
+    layer_set = set(layers)
     found: dict[str, float] = {}
     unmatched = []
     for name, op, ms in nodes:
         if op not in LAYER_OPS:
             continue
         scopes = _scope_paths(name.removeprefix("fused ").split("/")[1:-1])
-        owner = max((path for path in scopes if path in wanted), key=len, default=None)
+        owner = max((path for path in scopes if path in layer_set), key=len, default=None)
         if owner is None:
             unmatched.append(ms)
         else:
@@ -736,16 +736,6 @@ def layer_node_times(
             {layer: max(ms - excess, 0.0) for layer, ms in zip(rest, unmatched, strict=True)}
         )
     return found
-
-
-def op_profile(
-    path: str | os.PathLike, feeds: dict[str, np.ndarray], threads: int = 1, runs: int = 20
-) -> dict[str, tuple[float, int]]:
-    """Return, per operator type in ``path``, its time per run in ms and its nodes per run.
-
-    The times are ``node_profile``'s medians, added up per operator type.
-    """
-    return op_totals(node_profile(path, feeds, threads, runs))
 
 
 def op_totals(nodes: list[tuple[str, str, float]]) -> dict[str, tuple[float, int]]:
@@ -760,5 +750,5 @@ def op_totals(nodes: list[tuple[str, str, float]]) -> dict[str, tuple[float, int
 def op_times(
     path: str | os.PathLike, feeds: dict[str, np.ndarray], threads: int = 1, runs: int = 20
 ) -> dict[str, float]:
-    """Return the median time per run of each operator type in ``path``, in ms (see ``op_profile``)."""
-    return {op: ms for op, (ms, _) in op_profile(path, feeds, threads, runs).items()}
+    """Return the median time per run of each operator type in ``path``, in ms (see ``node_profile``)."""
+    return {op: ms for op, (ms, _) in op_totals(node_profile(path, feeds, threads, runs)).items()}
