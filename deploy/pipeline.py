@@ -7,6 +7,11 @@ renamed to ``out`` once ``manifest.json`` is written, so ``out`` exists only
 when complete. A run that stops part-way leaves the partial folder;
 ``resume=True`` picks it up, reusing the plans and every variant already
 validated.
+
+The stages live in their own modules: ``deploy.plan_stage`` (analyze,
+costs, sensitivity, plan), ``deploy.variants`` (materialize, export,
+quantize, validate) and ``deploy.run_folder`` (the partial folder and what
+``--resume`` checks). This module resolves the inputs and runs them in order.
 """
 
 from __future__ import annotations
@@ -15,16 +20,11 @@ import copy
 import dataclasses
 import datetime
 import difflib
-import errno
-import hashlib
 import io
-import json
 import logging
 import math
 import os
 import shutil
-import statistics
-import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,68 +35,57 @@ import onnxruntime
 import torch
 from torch import nn
 
-from deploy.analyze import analyze
-from deploy.costs import PASSES, CostTable, SearchSpace, layer_options
+from deploy.costs import PASSES, SearchSpace
 from deploy.data import Dataset, dataset_from_arrays, load_data
 from deploy.errors import DeployError
-from deploy.finetune import FinetuneConfig, distill
+from deploy.finetune import FinetuneConfig
 from deploy.latency_model import (
     TIMING_INPUT,
-    ChainLayer,
-    activation_bytes,
-    calibrate,
-    edge_savings,
-    fit_rates,
-    outside_layers_share,
-    plan_entries,
-    predict_plan,
     rescale_prediction,
-    runtime_int8,
-    weight_bytes,
 )
-from deploy.measure import time_sessions
 from deploy.models import load_model
-from deploy.passes.lowrank import LowRankConfig, apply_lowrank
-from deploy.passes.prune import PruneConfig, apply_prune, prunable_layers
 from deploy.passes.quantize import QuantizeConfig
-from deploy.planner import LayerChoices, Option, Plan, sweep
-from deploy.power import latency_budgets_from_energy, variant_energy
+from deploy.plan_stage import plan_variants
+from deploy.planner import Plan
+from deploy.power import variant_energy
 from deploy.profiles import (
     DEFAULT_PROFILE,
     DeviceProfile,
-    core_cache_bytes,
     load_profile,
     local_profile_matches,
     new_local_profile,
     timing_protocol,
 )
-from deploy.report import MANIFEST, format_quality, mark_frontier, write_atomic, write_report
-from deploy.sensitivity import measure_sensitivity
+from deploy.report import format_quality, mark_frontier, write_atomic, write_report
+from deploy.run_folder import (
+    check_same_run,
+    describe_write_failure,
+    load_json,
+    prepare_out,
+    run_identity,
+    save_json,
+)
+from deploy.stages import Stage
 from deploy.torch_utils import first_output, predict, to_tensors
 from deploy.validate import (
-    Validation,
-    per_tensor_zeroed_channels,
     time_side_by_side,
     validate_artifact,
+)
+from deploy.variants import (
+    QUANTIZED_OPS,
+    build_variant,
+    calibration_feeds,
+    export_onnx,
+    per_channel_variant,
+    run_entry,
 )
 from exporters.onnx import (
     ExportError,
     OnnxRunner,
-    layer_neighbours,
-    layer_node_times,
-    node_profile,
     nodes_of_module,
-    onnx_from_torch,
-    op_totals,
-    quantize_onnx,
-    runtime_quantized_nodes,
-    unprofiled_op_times,
 )
-from exporters.timing import TimingProtocol
 
 logger = logging.getLogger(__name__)
-
-QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 
 @dataclasses.dataclass
@@ -212,29 +201,6 @@ def _check_budgets(budgets) -> list[float]:
                 f"latency budget {value} ms is not a positive, finite number of milliseconds"
             )
     return [float(v) for v in values]
-
-
-class _Stage:
-    """Logs start and finish lines with timings for one stage."""
-
-    def __init__(self, number: int, total: int, name: str):
-        self.label = f"[{number}/{total}] {name}"
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        logger.info("%s ...", self.label)
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            logger.info("%s done in %.1f s", self.label, time.perf_counter() - self.start)
-
-
-def _progress(stage: str):
-    def report(done: int, total: int, name: str, elapsed: float):
-        logger.info("    %s %d/%d (%s) %.1f s", stage, done, total, name, elapsed)
-
-    return report
 
 
 def _resolve_profile(device_profile) -> DeviceProfile:
@@ -399,197 +365,6 @@ def _check_model_runs(model: nn.Module, data: Dataset) -> np.ndarray:
     return output.detach().numpy()
 
 
-def _prepare_out(out: Path, resume: bool) -> Path:
-    partial = out.parent / f".{out.name}.partial"
-    if out.exists():
-        if (out / MANIFEST).is_file():
-            raise DeployError(
-                f"output folder {out} already holds a finished run; choose another --out"
-            )
-        raise DeployError(f"output folder {out} already exists; choose another --out or remove it")
-    if partial.exists() and not resume:
-        raise DeployError(
-            f"an interrupted run was found at {partial}; pass --resume to finish it, "
-            f"or remove that folder to start over"
-        )
-    (partial / "variants").mkdir(parents=True, exist_ok=True)
-    # A kill during an atomic write leaves its hidden temporary file; none of
-    # them is ever read, so they are removed before resuming.
-    for folder in (partial, partial / "variants"):
-        for stale in folder.glob(".*"):
-            if stale.is_file():
-                stale.unlink()
-    return partial
-
-
-RUN_IDENTITY = "run.json"
-
-
-def _run_identity(model: nn.Module, model_name: str, dataset: Dataset, profile, config) -> dict:
-    """Return what must match for ``--resume`` to reuse a partial run: model, data, profile, config."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    model_digest = digest.hexdigest()
-    digest = hashlib.sha256()
-    for array in [*dataset.inputs, *([] if dataset.labels is None else [dataset.labels])]:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return {
-        "model": model_name,
-        "model_sha256": model_digest,
-        "data_sha256": digest.hexdigest(),
-        "device_profile": profile.name,
-        "config": json.loads(json.dumps(config.to_dict())),
-    }
-
-
-def _check_same_run(partial: Path, identity: dict) -> None:
-    saved = _load_json(partial / RUN_IDENTITY)
-    if saved is None:
-        _save_json(partial / RUN_IDENTITY, identity)
-        return
-    changed = [key for key in identity if saved.get(key) != identity[key]]
-    if changed:
-        raise DeployError(
-            f"the interrupted run at {partial} was started with a different {changed[0]}; "
-            f"resume it with the same arguments, or remove that folder to start over"
-        )
-
-
-def _describe_write_failure(exc: OSError, partial: Path) -> str:
-    where = exc.filename or partial
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (
-            f"no space left on the device while writing {where}; free some space, then rerun "
-            f"the same command with --resume to finish the run from {partial}"
-        )
-    return (
-        f"writing {where} failed ({exc.strerror or exc}); fix the cause, then rerun the same "
-        f"command with --resume to finish the run from {partial}"
-    )
-
-
-def _save_json(path: Path, data) -> None:
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def _load_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _feeds(
-    names: list[str], arrays: list[np.ndarray], batch: int = 32
-) -> list[dict[str, np.ndarray]]:
-    return [
-        dict(zip(names, [a[s : s + batch] for a in arrays], strict=True))
-        for s in range(0, len(arrays[0]), batch)
-    ]
-
-
-def materialize(
-    original: nn.Module,
-    plan: Plan,
-    example_inputs,
-    calibration: list[np.ndarray],
-    config: OptimizeConfig,
-) -> tuple[nn.Module, dict]:
-    """Apply a plan's low-rank and prune options (then fine-tune) to a copy; return it and its recipe."""
-    ranks = {
-        n: int(o.struct.split(":")[1])
-        for n, o in plan.layers.items()
-        if o.struct.startswith("lowrank:")
-    }
-    keeps = {n: o.keep for n, o in plan.layers.items() if o.struct.startswith("prune:")}
-    lowrank = LowRankConfig(ranks)
-    prune = PruneConfig(keeps, config.space.round_to)
-    variant = apply_lowrank(original, lowrank)
-    variant = apply_prune(variant, prune, example_inputs)
-    finetuned = False
-    if (ranks or keeps) and config.finetune is not None:
-        variant = distill(variant, original, calibration, config.finetune)
-        finetuned = True
-    int8 = sorted(n for n, o in plan.layers.items() if o.precision == "int8")
-    quantize = dataclasses.replace(config.quantize, layers=int8)
-    recipe = {
-        "lowrank": lowrank.to_dict(),
-        "prune": prune.to_dict(),
-        "quantize": quantize.to_dict() if int8 else None,
-        "finetune": config.finetune.to_dict() if finetuned else None,
-    }
-    return variant.eval(), recipe
-
-
-def _export(model, example_inputs, path: Path, names, axes) -> None:
-    try:
-        onnx_from_torch(
-            model,
-            example_inputs,
-            path,
-            input_names=names,
-            output_names=["output"],
-            dynamic_axes=axes,
-        )
-    except ExportError as exc:
-        raise DeployError(
-            f"ONNX export of the model failed: {exc}; make the forward traceable by torch.onnx.export "
-            f"(no data-dependent Python control flow, standard ops)"
-        ) from exc
-
-
-def _quantize_variant(
-    float_path: Path, path: Path, plan: Plan, quantize: QuantizeConfig, feeds
-) -> None:
-    layers = [name for name, option in plan.layers.items() if option.precision == "int8"]
-    _quantize_layers(float_path, path, layers, quantize, feeds)
-
-
-def _quantize_layers(
-    float_path: Path, path: Path, layers: list[str], quantize: QuantizeConfig, feeds
-) -> None:
-    proto = onnx.load(str(float_path))
-    # Only the nodes of ``layers`` are quantized. MatMuls of no planned layer
-    # (attention's Q @ K^T and weights @ V, both inputs activations) stay in
-    # float: the sensitivity analysis never measured them.
-    int8_nodes = set()
-    for name in layers:
-        int8_nodes.update(nodes_of_module(proto, name, QUANTIZED_OPS))
-    exclude = [
-        node.name
-        for node in proto.graph.node
-        if node.op_type in QUANTIZED_OPS and node.name not in int8_nodes
-    ]
-    quantize_onnx(
-        float_path,
-        path,
-        method=quantize.method,
-        calibration_feeds=feeds,
-        nodes_to_exclude=exclude,
-        per_channel=quantize.per_channel,
-        reduce_range=quantize.reduce_range,
-        calibrate_method=quantize.calibrate_method,
-    )
-
-
-def _entry(
-    name: str,
-    artifact: str,
-    validation: Validation,
-    predicted: float | None,
-    plan: dict | None,
-    summary: str,
-) -> dict:
-    return {
-        "name": name,
-        "plan": plan,
-        "summary": summary,
-        "artifact": artifact,
-        **validation.to_dict(),
-        "predicted_latency_ms": predicted,
-        "on_frontier": False,
-    }
-
-
 def optimize(
     model: nn.Module | str | os.PathLike | None = None,
     data: Dataset | dict | str | os.PathLike | None = None,
@@ -653,10 +428,10 @@ def optimize(
     classification = config.task == "classification"
 
     existed = (out.parent / f".{out.name}.partial").exists()
-    partial = _prepare_out(out, resume)
+    partial = prepare_out(out, resume)
     completed = keep_partial = False
     try:
-        _check_same_run(partial, _run_identity(original, model_name, dataset, profile, config))
+        check_same_run(partial, run_identity(original, model_name, dataset, profile, config))
         manifest = _run(
             original,
             model_name,
@@ -681,7 +456,7 @@ def optimize(
         # A full disk or a lost permission: what was written so far is complete
         # (every file goes through a temporary name), so keep it for --resume.
         keep_partial = True
-        raise DeployError(_describe_write_failure(exc, partial)) from exc
+        raise DeployError(describe_write_failure(exc, partial)) from exc
     finally:
         # Bad input found before any variant was validated leaves nothing behind;
         # otherwise the partial folder stays for --resume. A resumed run never
@@ -720,10 +495,10 @@ def _run(
     total = 7
     reference = predict(original, validation_set.inputs)
 
-    with _Stage(1, total, "export and validate the fp32 baseline"):
-        baseline = _load_json(partial / "baseline.json")
+    with Stage(1, total, "export and validate the fp32 baseline"):
+        baseline = load_json(partial / "baseline.json")
         if baseline is None:
-            _export(original, example_inputs, partial / "baseline.onnx", names, axes)
+            export_onnx(original, example_inputs, partial / "baseline.onnx", names, axes)
             check = validate_artifact(
                 partial / "baseline.onnx",
                 validation_set,
@@ -734,8 +509,8 @@ def _run(
             if not check:
                 raise DeployError(f"the fp32 export of the model is broken: {check.reason}")
             _check_sequence_lengths(partial / "baseline.onnx", original, validation_set, axes)
-            baseline = _entry("baseline", "baseline.onnx", check, None, None, "fp32 baseline")
-            _save_json(partial / "baseline.json", baseline)
+            baseline = run_entry("baseline", "baseline.onnx", check, None, None, "fp32 baseline")
+            save_json(partial / "baseline.json", baseline)
         logger.info(
             "    baseline p50 %.3f ms, accuracy %s",
             baseline["latency_ms"]["p50"],
@@ -743,9 +518,9 @@ def _run(
         )
 
     keep_float = resolve_keep_float(config.quantize.keep_float, original, partial / "baseline.onnx")
-    planned = _load_json(partial / "plans.json")
+    planned = load_json(partial / "plans.json")
     if planned is None:
-        planned = _plan(
+        planned = plan_variants(
             original,
             profile,
             config,
@@ -758,22 +533,22 @@ def _run(
             names,
             protocol,
         )
-        _save_json(partial / "plans.json", planned)
+        save_json(partial / "plans.json", planned)
     else:
         logger.info(
             "[2-4/%d] reusing %d plans from the interrupted run", total, len(planned["plans"])
         )
     plans = [Plan.from_dict(p) for p in planned["plans"]]
 
-    with _Stage(5, total, f"materialize, export and validate {len(plans)} variants"):
-        feeds = _feeds(names, calibration)
+    with Stage(5, total, f"materialize, export and validate {len(plans)} variants"):
+        feeds = calibration_feeds(names, calibration)
         variants = []
         for i, plan in enumerate(plans):
             name = f"v{i + 1:02d}"
             saved = partial / "variants" / f"{name}.json"
-            entry = _load_json(saved)
+            entry = load_json(saved)
             if entry is None:
-                entry = _build_variant(
+                entry = build_variant(
                     name,
                     plan,
                     original,
@@ -789,10 +564,10 @@ def _run(
                     classification,
                     partial,
                 )
-                _save_json(saved, entry)
+                save_json(saved, entry)
             if entry.get("per_tensor_zeroed"):
                 variants.append(entry)
-                entry = _per_channel_variant(
+                entry = per_channel_variant(
                     name,
                     plan,
                     partial,
@@ -810,12 +585,12 @@ def _run(
             )
             variants.append(entry)
 
-    with _Stage(6, total, "time the baseline and the variants side by side"):
+    with Stage(6, total, "time the baseline and the variants side by side"):
         baseline["predicted_latency_ms"] = planned["baseline_predicted_ms"]
         baseline["outside_layers_share"] = planned.get("outside_layers_share", 0.0)
         _retime_side_by_side(partial, baseline, variants, validation_set, protocol)
 
-    with _Stage(7, total, "report"):
+    with Stage(7, total, "report"):
         for entry in [baseline, *variants]:
             entry.update(
                 variant_energy(
@@ -943,390 +718,4 @@ def _retime_side_by_side(
         "    baseline p50 %.3f ms side by side (%.3f ms when validated)",
         baseline_p50,
         baseline["latency_ms"]["validation_p50"],
-    )
-
-
-def _plan(
-    original,
-    profile,
-    config,
-    calibration,
-    example_inputs,
-    baseline,
-    total,
-    keep_float=frozenset(),
-    baseline_path: Path | None = None,
-    io_names: list[str] | None = None,
-    protocol: TimingProtocol | None = None,
-) -> dict:
-    with _Stage(2, total, "analyze"):
-        layers = analyze(original, example_inputs)
-        if not layers:
-            raise DeployError(
-                "the model has no Linear or Conv2d layer; deploy has nothing to optimize"
-            )
-        prunable = prunable_layers(original, example_inputs) if "prune" in config.passes else {}
-        logger.info(
-            "    %d layers, %.1fM multiply-adds, %.2f MB of parameters%s",
-            len(layers),
-            sum(x.macs for x in layers) / 1e6,
-            sum(x.param_bytes for x in layers) / 1e6,
-            f", {len(prunable)} prunable" if "prune" in config.passes else "",
-        )
-
-    with _Stage(3, total, f"costs from device profile {profile.name}"):
-        # A profile of another device cannot be measured here: its missing entries are interpolated.
-        costs = CostTable(
-            profile,
-            measure=local_profile_matches(profile),
-            quantization=config.quantize.method,
-        )
-        options, latency, input_from, passthrough = layer_options(
-            original, layers, prunable, config.space, costs, progress=_progress("layer")
-        )
-        for name in keep_float:
-            if name in options:
-                options[name] = [o for o in options[name] if o.precision != "int8"]
-        logger.info(
-            "    %d entries measured%s, %d lookups answered by entries already in the profile",
-            costs.measured,
-            f" and saved to {profile.path}" if profile.path and costs.measured else "",
-            costs.reused,
-        )
-        dense = Option("dense", "fp32")
-        chain = [ChainLayer(x.name, input_from.get(x.name), x.name in passthrough) for x in layers]
-        base_plan = {x.name: dense for x in layers}
-        saved, _ = edge_savings(chain, base_plan, costs)
-        base_weights = sum(weight_bytes(e) for e in plan_entries(chain, base_plan, costs))
-        layer_sum = sum(latency[(x.name, 1.0, dense)] for x in layers) - saved
-        call_ms = statistics.median(
-            costs.entry_for(x.name, 1.0, dense).get("call_ms", 0.0) for x in layers
-        )
-        local = baseline_path is not None and local_profile_matches(profile)
-        sample = dict(zip(io_names or [], [a[:1] for a in calibration], strict=False))
-        base_ms = baseline["latency_ms"]["p50"]
-        outside_share = 0.0
-        base_nodes = None
-        if baseline_path is not None:
-            # The baseline timed and profiled again beside the entries, in fresh
-            # sessions, because its first timing may have met other load. The
-            # share of its time in operators of no layer stays with every plan.
-            # NOTE: measured on this machine, also when the profile is another device's.
-            base_ms = time_sessions(baseline_path, sample, protocol).p50
-            base_nodes = node_profile(baseline_path, sample, protocol.threads, runs=30)
-            outside_share = outside_layers_share(
-                unprofiled_op_times(op_totals(base_nodes), max(base_ms - call_ms, 0.0))
-            )
-            logger.info(
-                "    baseline p50 %.3f ms beside the entries, %.1f%% of it outside the layers",
-                base_ms,
-                100 * outside_share,
-            )
-        # A profile of another device differs from this machine's baseline by
-        # the two devices' speeds, not by load, so only this machine's warns.
-        fit = calibrate(
-            base_ms,
-            layer_sum,
-            call_ms,
-            warn=local,
-            outside_share=outside_share,
-            weight_bytes=base_weights,
-            cache_bytes=profile.data["device"].get("cache_bytes")
-            or (core_cache_bytes() if local else None),
-        )
-        int8_plan = {
-            x.name: Option("dense", "int8") if Option("dense", "int8") in options[x.name] else dense
-            for x in layers
-        }
-        names_in_order = [x.name for x in layers]
-        if local:
-            # How fast each layer computes inside the fp32 baseline, from ONNX
-            # Runtime's profiler. Only meaningful where the profile is this machine's.
-            in_model = layer_node_times(base_nodes, names_in_order, max(base_ms - call_ms, 0.0))
-            entries = {x.name: costs.entry_for(x.name, 1.0, dense) for x in layers}
-            fit = dataclasses.replace(fit, rates=fit_rates(in_model, entries, "fp32"))
-        # The baseline quantized whole is measured on this machine, so it
-        # calibrates a profile of this machine only.
-        anchor = None
-        if local and any(o != dense for o in int8_plan.values()):
-            anchor = _int8_anchor(
-                baseline_path, int8_plan, config.quantize, io_names, calibration, protocol
-            )
-        if anchor is not None:
-            anchor_ms, nodes = anchor
-            in_model = layer_node_times(nodes, names_in_order, max(anchor_ms - call_ms, 0.0))
-            entries = {
-                name: costs.entry_for(name, 1.0, option)
-                for name, option in int8_plan.items()
-                if option.precision == "int8"
-            }
-            rates = {**fit.rates, **fit_rates(in_model, entries, "int8")}
-            fit = dataclasses.replace(fit, rates=rates)
-            logger.info(
-                "    in-model rates of %d of %d layers from the profiled fp32 baseline and "
-                "the baseline quantized whole (%.3f ms)",
-                len({key.split("|")[0] for key in fit.rates}),
-                len(layers),
-                anchor_ms,
-            )
-        fit = dataclasses.replace(
-            fit, activation_bytes=activation_bytes(plan_entries(chain, base_plan, costs))
-        )
-        latency = {
-            (name, keep, option): fit.layer_ms(name, costs.entry_for(name, keep, option))
-            for (name, keep, option) in latency
-        }
-        base_prediction = predict_plan(chain, base_plan, fit, costs)
-        overhead = fit.overhead_ms
-
-    neighbours = None
-    if baseline_path is not None:
-        neighbours = _neighbours(baseline_path, layers)
-
-    with _Stage(4, total, "sensitivity and plan"):
-        sensitivity = measure_sensitivity(
-            original,
-            options,
-            calibration,
-            example_inputs,
-            config.space.round_to,
-            progress=_progress("sensitivity"),
-            reduce_range=bool(config.quantize.reduce_range),
-        )
-        choices = [
-            LayerChoices(
-                name=x.name,
-                input_from=input_from.get(x.name),
-                passthrough=x.name in passthrough,
-                options=options[x.name],
-                latency_ms={(k, o): v for (n, k, o), v in latency.items() if n == x.name},
-                distortion=sensitivity[x.name],
-            )
-            for x in layers
-        ]
-        budgets_ms = config.budgets_ms
-        if config.budgets_mj:
-            budgets_ms = (budgets_ms or []) + latency_budgets_from_energy(
-                profile.data["power"], profile.data["latency_table"], config.budgets_mj
-            )
-        plans = sweep(
-            choices, overhead, baseline["latency_ms"]["p50"], config.num_budgets, budgets_ms
-        )
-        plans = [p for p in plans if any(o != dense for o in p.layers.values())]
-        plans = _int8_islands(plans, choices, neighbours, config.quantize.method)
-        for plan in plans:
-            prediction = predict_plan(
-                choices, plan.layers, fit, costs, neighbours, config.quantize.method
-            )
-            plan.predicted_latency_ms = prediction.latency_ms
-            plan.prediction = prediction.to_dict()
-        if not plans:
-            faster = any(
-                value < layer.latency_ms.get((keep, dense), float("inf"))
-                for layer in choices
-                for (keep, option), value in layer.latency_ms.items()
-                if option != dense
-            )
-            if not faster:
-                raise DeployError(
-                    f"no option of the passes {', '.join(config.passes)} makes any layer "
-                    f"faster than fp32 on device profile {profile.name!r}: its latency "
-                    f"table has every option at least as slow as the dense fp32 layer "
-                    f"(int8 is no faster than fp32 on CPUs without VNNI); add prune or "
-                    f"lowrank with --passes"
-                )
-            raise DeployError(
-                "no plan other than the fp32 baseline fits the budgets; raise --budget-ms "
-                "or allow more passes with --passes"
-            )
-        logger.info(
-            "    %d distinct plans, predicted %.3f to %.3f ms",
-            len(plans),
-            plans[0].predicted_latency_ms,
-            plans[-1].predicted_latency_ms,
-        )
-    return {
-        "overhead_ms": overhead,
-        "baseline_predicted_ms": base_prediction.latency_ms,
-        "outside_layers_share": outside_share,
-        "plans": [p.to_dict() for p in plans],
-    }
-
-
-def _per_channel_variant(name, plan, partial: Path, data, settings) -> dict:
-    """Build (or reuse) the per-channel static int8 alternative to a rejected per-tensor variant."""
-    config = settings[0]
-    saved = partial / "variants" / f"{name}-per-channel.json"
-    entry = _load_json(saved)
-    if entry is None:
-        quantize = dataclasses.replace(config.quantize, method="static", per_channel=True)
-        entry = _build_variant(
-            f"{name}-per-channel",
-            plan,
-            *data,
-            dataclasses.replace(config, quantize=quantize),
-            *settings[1:],
-            partial,
-            summary=f"{plan.describe()} (per-channel static int8)",
-        )
-        _save_json(saved, entry)
-    return entry
-
-
-def _build_variant(
-    name,
-    plan,
-    original,
-    example_inputs,
-    calibration,
-    validation_set,
-    reference,
-    protocol,
-    config,
-    names,
-    axes,
-    feeds,
-    classification,
-    partial: Path,
-    summary: str | None = None,
-) -> dict:
-    variant, recipe = materialize(original, plan, example_inputs, calibration, config)
-    folder = partial / "variants"
-    float_path = folder / f"{name}.fp32.onnx"
-    _export(variant, example_inputs, float_path, names, axes)
-    artifact = float_path
-    zeroed = []
-    failure = None
-    runtime_int8 = []
-    if recipe["quantize"]:
-        artifact = folder / f"{name}.int8.onnx"
-        if not config.quantize.per_channel or config.quantize.method == "dynamic":
-            # ONNX Runtime's dynamic ConvInteger has one weight scale per tensor
-            # even when per_channel is set.
-            proto = onnx.load(str(float_path))
-            int8 = [
-                n
-                for x in recipe["quantize"]["layers"]
-                for n in nodes_of_module(proto, x, QUANTIZED_OPS)
-            ]
-            zeroed = per_tensor_zeroed_channels(float_path, int8)
-        try:
-            _quantize_variant(float_path, artifact, plan, config.quantize, feeds)
-        except ExportError as exc:
-            failure = f"quantization failed: {exc}"
-            artifact = float_path
-        else:
-            float_path.unlink()
-            runtime_int8 = _runtime_int8_layers(artifact, plan)
-    check = validate_artifact(
-        artifact, validation_set, reference, protocol, classification=classification
-    )
-    if failure:
-        check = dataclasses.replace(check, status="rejected", reason=failure)
-    elif zeroed:
-        check = dataclasses.replace(
-            check,
-            status="rejected",
-            reason=f"{config.quantize.method} per-tensor int8 rounds whole weight channels to "
-            f"zero in {'; '.join(zeroed)}; a per-channel static variant is offered instead",
-        )
-    entry = _entry(
-        name,
-        str(artifact.relative_to(partial)),
-        check,
-        plan.predicted_latency_ms,
-        {**plan.to_dict(), "recipe": recipe},
-        summary or plan.describe(),
-    )
-    if zeroed:
-        entry["per_tensor_zeroed"] = zeroed
-    if runtime_int8:
-        entry["runtime_int8_layers"] = runtime_int8
-        logger.info(
-            "    %s: ONNX Runtime runs %d float layer(s) in int8 (per-tensor weights) because "
-            "int8 layers surround them: %s",
-            name,
-            len(runtime_int8),
-            ", ".join(runtime_int8),
-        )
-    return entry
-
-
-def _int8_islands(plans: list[Plan], choices, neighbours, method: str) -> list[Plan]:
-    # ONNX Runtime quantizes a float layer directly between two int8 layers
-    # with per-tensor weights when it loads a QDQ file (runtime_int8). That
-    # path is far slower than per-channel int8: 1.4 ms against 0.26 ms for a
-    # 240-channel 5x5 depthwise conv at 28 x 28 on an AVX-512 Xeon. So such a
-    # layer is made per-channel int8 instead where int8 is one of its options.
-    by_name = {c.name: c for c in choices}
-    changed = 0
-    result: dict[tuple, Plan] = {}
-    for plan in plans:
-        layers = dict(plan.layers)
-        while True:
-            flips = [
-                name
-                for name in runtime_int8(layers, neighbours, method)
-                if dataclasses.replace(layers[name], precision="int8") in by_name[name].options
-            ]
-            if not flips:
-                break
-            for name in flips:
-                layers[name] = dataclasses.replace(layers[name], precision="int8")
-        if layers != plan.layers:
-            changed += 1
-            distortion = sum(by_name[n].distortion[o] for n, o in layers.items())
-            plan = dataclasses.replace(plan, layers=layers, predicted_distortion=distortion)
-        result.setdefault(plan.signature(), plan)
-    if changed:
-        logger.info(
-            "    %d plan(s) put float layers between int8 layers, which ONNX Runtime would run in "
-            "per-tensor int8; those layers are per-channel int8 instead",
-            changed,
-        )
-    return sorted(result.values(), key=lambda p: p.predicted_latency_ms)
-
-
-def _int8_anchor(
-    baseline_path: Path, int8_plan: dict, quantize: QuantizeConfig, names, calibration, protocol
-) -> tuple[float, list] | None:
-    # The baseline with every layer that may be int8 quantized: its p50, timed
-    # like an entry, and its profiled nodes. None where quantizing it fails.
-    path = baseline_path.with_name("baseline.int8-anchor.onnx")
-    layers = [name for name, option in int8_plan.items() if option.precision == "int8"]
-    feeds = _feeds(names, calibration) if quantize.method == "static" else None
-    try:
-        _quantize_layers(baseline_path, path, layers, quantize, feeds)
-        sample = dict(zip(names, [a[:1] for a in calibration], strict=True))
-        p50 = time_sessions(path, sample, protocol).p50
-        return p50, node_profile(path, sample, protocol.threads, runs=30)
-    except ExportError as exc:
-        logger.info(
-            "    int8 layers keep their entries' latency: quantizing the baseline failed (%s)", exc
-        )
-        return None
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _neighbours(path: Path, layers) -> dict:
-    # Each layer's direct neighbours in the float graph, for layers with one Conv or Gemm node.
-    proto = onnx.load(str(path))
-    layer_nodes = {}
-    for layer in layers:
-        found = nodes_of_module(proto, layer.name, ("Conv", "Gemm"))
-        if len(found) == 1:
-            layer_nodes[layer.name] = found[0]
-    return layer_neighbours(proto, layer_nodes)
-
-
-def _runtime_int8_layers(artifact: Path, plan: Plan) -> list[str]:
-    # The float layers of the plan whose nodes ONNX Runtime quantizes when it loads the file.
-    proto = onnx.load(str(artifact))
-    nodes = set(runtime_quantized_nodes(proto))
-    return sorted(
-        name
-        for name, option in plan.layers.items()
-        if option.precision == "fp32"
-        and nodes & set(nodes_of_module(proto, name, ("Conv", "Gemm")))
     )

@@ -17,9 +17,10 @@ from torch import nn
 
 import deploy
 from deploy.errors import DeployError
-from deploy.pipeline import OptimizeConfig, materialize
+from deploy.pipeline import OptimizeConfig
 from deploy.planner import Option, Plan
 from deploy.profiles import load_profile
+from deploy.variants import materialize
 from deploy.zoo.digits import build_model
 
 ENTRY_FIELDS = [

@@ -183,7 +183,7 @@ def test_resume_rejects_changed_settings(tmp_path, measured_profile, monkeypatch
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "_plan", interrupted)
+        patch.setattr(pipeline, "plan_variants", interrupted)
         with pytest.raises(KeyboardInterrupt):
             pipeline.optimize(
                 str(model), str(data), str(profile), out=out, config=support.small_config()

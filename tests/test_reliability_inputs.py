@@ -353,7 +353,7 @@ def test_full_disk_keeps_resumable_run(files, capsys, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, text)
 
-    monkeypatch.setattr("deploy.pipeline.write_atomic", full_disk)
+    monkeypatch.setattr("deploy.run_folder.write_atomic", full_disk)
     code, err = _cli(_optimize_args(files), capsys)
     assert code == 2, err
     line = _error_lines(err)[0]
@@ -365,7 +365,7 @@ def test_full_disk_keeps_resumable_run(files, capsys, monkeypatch):
         json.loads(path.read_text())
     assert not list(partial.rglob(".*"))
 
-    monkeypatch.setattr("deploy.pipeline.write_atomic", real)
+    monkeypatch.setattr("deploy.run_folder.write_atomic", real)
     code, err = _cli(_optimize_args(files) + ["--resume"], capsys)
     assert code == 0, err
     manifest = json.loads((files["dir"] / "run" / report.MANIFEST).read_text())

@@ -108,7 +108,7 @@ def test_depthwise_dynamic_rejected_per_channel_offered(small_files, tmp_path, m
     from deploy.pipeline import optimize
 
     _, _, profile = small_files
-    monkeypatch.setattr("deploy.pipeline.sweep", _int8_everywhere)
+    monkeypatch.setattr("deploy.plan_stage.sweep", _int8_everywhere)
     config = support.small_config(
         passes=("quantize",), quantize=QuantizeConfig(method="dynamic", per_channel=False)
     )
@@ -159,7 +159,7 @@ def test_keep_float_layer_stays_float(small_files, tmp_path, monkeypatch, method
     from deploy.pipeline import optimize
 
     _, data, profile = small_files
-    monkeypatch.setattr("deploy.pipeline.sweep", _int8_everywhere)
+    monkeypatch.setattr("deploy.plan_stage.sweep", _int8_everywhere)
     quantize = QuantizeConfig(method=method, keep_float=["/7/Gemm", "0"])
     config = support.small_config(passes=("quantize",), quantize=quantize)
     manifest = optimize(
