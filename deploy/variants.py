@@ -27,6 +27,7 @@ from deploy.run_folder import load_json, save_json
 from deploy.validate import Validation, per_tensor_zeroed_channels, validate_artifact
 from exporters.onnx import (
     ExportError,
+    float_region_nodes,
     nodes_of_module,
     onnx_from_torch,
     quantize_onnx,
@@ -127,6 +128,8 @@ def quantize_layers(
         for node in proto.graph.node
         if node.op_type in QUANTIZED_OPS and node.name not in int8_nodes
     ]
+    # Adds, pools and reshapes are quantized only inside int8 regions.
+    exclude += float_region_nodes(proto, int8_nodes, QUANTIZED_OPS)
     quantize_onnx(
         float_path,
         path,

@@ -350,6 +350,70 @@ def layer_neighbours(
     return {layer: (before[layer], after[layer]) for layer in layer_nodes}
 
 
+def float_region_nodes(
+    proto: onnx.ModelProto, int8_nodes: Iterable[str], layer_ops: Iterable[str]
+) -> list[str]:
+    """Return the nodes other than layers that touch float layers, which a QDQ quantizer should skip.
+
+    A node whose operator is not in ``layer_ops`` (an Add, a pool, a
+    reshape) is part of an int8 region only when every layer node it reaches,
+    walking back through its inputs and forward through its outputs past
+    other such nodes, is in ``int8_nodes``. The graph's inputs and outputs
+    count as float. ONNX Runtime's static quantizer otherwise quantizes
+    every residual Add of a model with one int8 layer: 9 QLinearAdds and 15
+    QuantizeLinear and DequantizeLinear pairs in an EfficientNet-Lite0
+    variant whose only int8 layer was its classifier.
+    """
+    int8 = set(int8_nodes)
+    ops = set(layer_ops)
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {t.name for t in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+
+    def neighbours(node: onnx.NodeProto, upstream: bool) -> list[onnx.NodeProto | None]:
+        # The nodes on one side of ``node``; None stands for a graph input or output.
+        found: list[onnx.NodeProto | None] = []
+        tensors = node.input if upstream else node.output
+        for tensor in tensors:
+            if not tensor or tensor in initializers:
+                continue
+            if upstream:
+                source = producers.get(tensor)
+                found.append(source)
+            else:
+                found.extend(consumers.get(tensor, []))
+                if tensor in outputs:
+                    found.append(None)
+        return found
+
+    def only_int8(start: onnx.NodeProto, upstream: bool) -> bool:
+        seen = {start.name}
+        stack = [start]
+        while stack:
+            for node in neighbours(stack.pop(), upstream):
+                if node is None:
+                    return False
+                if node.op_type in ops:
+                    if node.name not in int8:
+                        return False
+                elif node.name not in seen and node.op_type != "Constant":
+                    seen.add(node.name)
+                    stack.append(node)
+        return True
+
+    return [
+        node.name
+        for node in proto.graph.node
+        if node.op_type not in ops
+        and node.op_type != "Constant"
+        and not (only_int8(node, True) and only_int8(node, False))
+    ]
+
+
 def runtime_quantized_nodes(proto: onnx.ModelProto) -> list[str]:
     """Return the float Conv and Gemm nodes of a QDQ graph that ONNX Runtime quantizes when it loads it.
 

@@ -259,3 +259,72 @@ def test_layer_node_times_leaves_unmatched_out():
 
     nodes = [("/a/x_nchwc", "Conv", 0.3), ("/b/y_nchwc", "Conv", 0.2)]
     assert layer_node_times(nodes, ["c"], run_ms=0.5) == {}
+
+
+class _Residual(nn.Module):
+    """A conv, a conv on its output, their sum and a conv on the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        return self.head(y + torch.relu(self.body(y)))
+
+
+@pytest.fixture(scope="module")
+def residual(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("residual")
+    path = _export(_Residual().eval(), (torch.randn(1, 3, 8, 8),), folder / "f.onnx")
+    proto = onnx.load(str(path))
+    convs = {name: nodes_of_module(proto, name, ["Conv"])[0] for name in ("stem", "body", "head")}
+    return path, proto, convs
+
+
+def test_float_region_nodes_skip_add_next_to_float_layer(residual):
+    from exporters.onnx import float_region_nodes
+
+    _, proto, convs = residual
+    adds = [n.name for n in proto.graph.node if n.op_type == "Add"]
+    assert len(adds) == 1
+    # Every conv int8: the Add sits inside the int8 region.
+    assert adds[0] not in float_region_nodes(proto, convs.values(), ["Conv"])
+    # Only the head int8: the Add reads two float convs' outputs.
+    skipped = float_region_nodes(proto, [convs["head"]], ["Conv"])
+    assert adds[0] in skipped
+    assert all(
+        proto_node.op_type != "Conv"
+        for proto_node in proto.graph.node
+        if proto_node.name in skipped
+    )
+
+
+def test_one_int8_layer_leaves_residual_add_float(residual, tmp_path):
+    from exporters.onnx import float_region_nodes
+
+    path, proto, convs = residual
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    exclude = [convs["stem"], convs["body"]]
+    exclude += float_region_nodes(proto, [convs["head"]], ["Conv"])
+    out = quantize_onnx(
+        path, tmp_path / "q.onnx", calibration_feeds=feeds, nodes_to_exclude=exclude
+    )
+    int8 = onnx.load(str(out))
+    producers = {o: n for n in int8.graph.node for o in n.output}
+    add = next(n for n in int8.graph.node if n.op_type == "Add")
+    # The Add reads float tensors, not dequantized ones, and its output is
+    # quantized for the head.
+    assert all(producers[i].op_type != "DequantizeLinear" for i in add.input)
+    initializers = {t.name for t in int8.graph.initializer}
+    quantized = {
+        n.input[0]
+        for n in int8.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in initializers
+    }
+    assert add.output[0] in quantized
+    assert not quantized & set(add.input)
