@@ -189,6 +189,18 @@ class Calibration:
             baseline and the profiled baseline quantized whole
             (``fit_rates``). A layer with a rate ignores ``scale`` and
             ``ms_per_byte``. Defaults to none.
+        gap_ms: ``layer|before|after`` -> the time of the operators of no
+            layer that run after ``layer`` ("" for those before the first
+            layer) when the layer before runs at precision ``before`` and
+            the next one at ``after`` ("io" for the model's input or
+            output), from profiled whole models (``fit_gaps``). With it a
+            layer costs its compute at its rate and every conversion,
+            pool, add and normalization is priced here. Defaults to none.
+        gap_next: the layer that follows each gap's layer in run order
+            ("" after the last). Defaults to none.
+        gap_values: each layer's output values in the profiled models;
+            a pruned layer's gap scales with the values it writes.
+            Defaults to none.
     """
 
     overhead_ms: float
@@ -198,6 +210,9 @@ class Calibration:
     ms_per_byte: float = 0.0
     rates: dict = dataclasses.field(default_factory=dict)
     activation_bytes: float | None = None
+    gap_ms: dict = dataclasses.field(default_factory=dict)
+    gap_next: dict = dataclasses.field(default_factory=dict)
+    gap_values: dict = dataclasses.field(default_factory=dict)
 
     def overhead_for(self, entries: list[dict]) -> float:
         """Return the overhead of a plan whose layers have ``entries``.
@@ -238,6 +253,53 @@ class Calibration:
             return 1.0
         return self.scale
 
+    def compute_ms(self, layer: str, entry: dict) -> float:
+        """Return a layer's compute inside the model: its entry's net less ``layout_ms``, at its rate.
+
+        A layer without a rate of its own takes the median rate of the
+        layers at its precision, or ``scale``.
+        """
+        net = net_ms(entry)
+        precision = entry.get("precision", "fp32")
+        rate = self.rate(layer, precision)
+        if rate is None:
+            same = [r for key, r in self.rates.items() if key.endswith(f"|{precision}")]
+            rate = statistics.median(same) if same else self.scale
+        return rate * (net - min(float(entry.get("layout_ms", 0.0)), net))
+
+    def gap(self, layer: str, before: str, after: str) -> float:
+        """Return the time after ``layer`` between a layer at ``before`` and one at ``after``.
+
+        A context never profiled takes the one with the same precision on
+        both sides as the next layer, then as the layer before, then any.
+        """
+        for key in (
+            f"{layer}|{before}|{after}",
+            f"{layer}|{after}|{after}",
+            f"{layer}|{before}|{before}",
+        ):
+            if key in self.gap_ms:
+                return self.gap_ms[key]
+        found = [ms for key, ms in self.gap_ms.items() if key.split("|")[0] == layer]
+        return statistics.median(found) if found else 0.0
+
+    def gaps_ms(self, precisions: dict[str, str], values: dict[str, float]) -> float:
+        """Return the time between a plan's layers (``gap_ms``).
+
+        ``precisions`` is each layer's precision as ONNX Runtime runs it and
+        ``values`` the values each layer writes; the gap after a pruned
+        layer scales with them.
+        """
+        total = 0.0
+        for layer, following in self.gap_next.items():
+            before = precisions.get(layer, "io") if layer else "io"
+            after = precisions.get(following, "io") if following else "io"
+            ms = self.gap(layer, before, after)
+            if layer and self.gap_values.get(layer) and values.get(layer):
+                ms *= values[layer] / self.gap_values[layer]
+            total += ms
+        return total
+
     def memory_ms(self, weight_bytes: float) -> float:
         """Return the memory traffic term for a model of ``weight_bytes`` bytes of layer weights."""
         if not self.cache_bytes or not self.ms_per_byte or self.rates:
@@ -258,6 +320,45 @@ def activation_bytes(entries: list[dict]) -> float | None:
         values = spec.out_features * spec.output_positions
         total += values * (1 if layout(entry) == "int8" else 4)
     return total
+
+
+def output_values(entry: dict) -> float | None:
+    """Return the values a layer of ``entry`` writes per batch-1 call, or None without shapes."""
+    if "input_shape" not in entry or "weight_shape" not in entry:
+        return None
+    spec = spec_of_entry(entry)
+    return float(spec.out_features * spec.output_positions)
+
+
+def fit_gaps(
+    profiled: list[tuple[list[tuple[str, str, float]], list[str | None], dict[str, str]]],
+    order: list[str],
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Return ``gap_ms`` and ``gap_next`` (see ``Calibration``) from profiled whole models.
+
+    Each of ``profiled`` is one model's nodes (``exporters.onnx.node_profile``,
+    the profiler's own cost taken off), each node's layer or None
+    (``exporters.onnx.node_owners``), and each layer's precision as ONNX
+    Runtime ran it. A node of no layer belongs to the gap after the last
+    layer node run before it. ``order`` is the layers in the run order of
+    the fp32 baseline; its gaps are the ones priced. Where one gap and
+    context was profiled more than once, the median counts.
+    """
+    following = dict(zip(["", *order], [*order, ""], strict=True))
+    seen: dict[str, list[float]] = {}
+    for nodes, owners, precisions in profiled:
+        times = dict.fromkeys(following, 0.0)
+        last = ""
+        for (_, _, ms), owner in zip(nodes, owners, strict=True):
+            if owner is not None:
+                last = owner
+            elif last in times:
+                times[last] += ms
+        for layer, ms in times.items():
+            before = precisions.get(layer, "io") if layer else "io"
+            after = precisions.get(following[layer], "io") if following[layer] else "io"
+            seen.setdefault(f"{layer}|{before}|{after}", []).append(ms)
+    return {key: statistics.median(values) for key, values in seen.items()}, following
 
 
 def weight_bytes(entry: dict) -> float:
@@ -525,6 +626,8 @@ def predict_plan(
         for name, option in plan_layers.items()
     }
     entries = plan_entries(choices, plan_layers, costs)
+    if calibration.gap_ms:
+        return _predict_with_gaps(choices, plan_layers, entries, calibration, sorted(quantized))
     total = sum(
         calibration.layer_ms(layer.name, entry)
         for layer, entry in zip(choices, entries, strict=True)
@@ -548,6 +651,42 @@ def predict_plan(
         memory,
         weights,
         sorted(quantized),
+    )
+
+
+def _predict_with_gaps(
+    choices, plan_layers: dict, entries: list[dict], calibration: Calibration, quantized
+) -> Prediction:
+    # Each layer's compute at its in-model rate, and the time between layers
+    # as profiled in the same precision context.
+    names = [layer.name for layer in choices]
+    total = sum(
+        calibration.compute_ms(name, entry) for name, entry in zip(names, entries, strict=True)
+    )
+    precisions = {name: option.precision for name, option in plan_layers.items()}
+    values = {
+        name: v
+        for name, entry in zip(names, entries, strict=True)
+        if (v := output_values(entry)) is not None
+    }
+    gaps = calibration.gaps_ms(precisions, values)
+    call = calibration.overhead_ms if calibration.call_ms is None else calibration.call_ms
+    weights = sum(weight_bytes(e) for e in entries)
+    return Prediction(
+        call + gaps + total,
+        call + gaps,
+        calibration.scale,
+        total,
+        0.0,
+        [
+            name
+            for name, entry in zip(names, entries, strict=True)
+            if entry.get("interpolated_from")
+        ],
+        call,
+        0.0,
+        weights,
+        quantized,
     )
 
 

@@ -66,6 +66,52 @@ def time_sessions(
     )
 
 
+def profile_rounds(
+    paths: list[Path],
+    feeds: dict[str, np.ndarray],
+    protocol: TimingProtocol,
+    call_ms: float,
+    rounds: int = SESSIONS,
+    runs: int = 20,
+) -> tuple[float, list[list[tuple[str, str, float]]]]:
+    """Time and profile every model, round-robin, each in fresh sessions.
+
+    Returns the first model's p50 (the median over ``rounds``) and each
+    model's ``node_profile`` nodes, each node's time the median over the
+    rounds. The profiler adds its own cost to every node it records (1-5 us
+    on the CPUs measured so far), most of a small pool or reorder. In each
+    round that cost per node is fitted over all the models at once: their
+    profiled nodes add up to more than their p50 less ``call_ms``, by about
+    that cost times their node count. It is taken off every node. Profiling
+    the models in turn exposes them to the same load, so a burst of load
+    shifts them alike instead of skewing one against another.
+    """
+    timing = dataclasses.replace(protocol, runs=min(protocol.runs, 50))
+    p50s = []
+    rounds_nodes: list[list[list[tuple[str, str, float]]]] = [[] for _ in paths]
+    for _ in range(rounds):
+        timed = [OnnxRunner(path, protocol.threads).time(feeds, timing).p50 for path in paths]
+        profiles = [node_profile(path, feeds, protocol.threads, runs=runs) for path in paths]
+        extra = sum(
+            sum(ms for *_, ms in nodes) - max(p50 - call_ms, 0.0)
+            for nodes, p50 in zip(profiles, timed, strict=True)
+        )
+        excess = max(extra, 0.0) / max(sum(len(nodes) for nodes in profiles), 1)
+        p50s.append(timed[0])
+        for k, nodes in enumerate(profiles):
+            rounds_nodes[k].append([(name, op, max(ms - excess, 0.0)) for name, op, ms in nodes])
+    merged = []
+    for per_round in rounds_nodes:
+        times: dict[tuple[str, str], list[float]] = {}
+        for nodes in per_round:
+            for name, op, ms in nodes:
+                times.setdefault((name, op), []).append(ms)
+        merged.append(
+            [(name, op, float(np.median(times[(name, op)]))) for name, op, _ in per_round[0]]
+        )
+    return float(np.median(p50s)), merged
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """The shapes of one layer as it runs in a variant (after pruning of its input or output).

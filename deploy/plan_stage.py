@@ -23,14 +23,16 @@ from deploy.latency_model import (
     activation_bytes,
     calibrate,
     edge_savings,
+    fit_gaps,
     fit_rates,
+    output_values,
     outside_layers_share,
     plan_entries,
     predict_plan,
     runtime_int8,
     weight_bytes,
 )
-from deploy.measure import time_sessions
+from deploy.measure import profile_rounds, time_sessions
 from deploy.passes.prune import prunable_layers
 from deploy.passes.quantize import QuantizeConfig
 from deploy.planner import LayerChoices, Option, Plan, sweep
@@ -43,6 +45,7 @@ from exporters.onnx import (
     ExportError,
     layer_neighbours,
     layer_node_times,
+    node_owners,
     node_profile,
     nodes_of_module,
     op_totals,
@@ -114,8 +117,28 @@ def plan_variants(
         sample = dict(zip(io_names or [], [a[:1] for a in calibration], strict=False))
         base_ms = baseline["latency_ms"]["p50"]
         outside_share = 0.0
-        base_nodes = None
-        if baseline_path is not None:
+        neighbours = _neighbours(baseline_path, layers) if baseline_path is not None else None
+        anchors: list[tuple[Path, dict]] = []
+        profiled: list[list] = []
+        if local:
+            # The baseline and copies of it quantized whole and in alternating
+            # runs of two layers, profiled side by side on this machine: each
+            # layer's time inside a model at each precision, and the time
+            # between layers in each precision context.
+            anchors = _anchor_models(
+                baseline_path, layers, options, config.quantize, io_names, calibration, neighbours
+            )
+            try:
+                base_ms, profiled = profile_rounds(
+                    [baseline_path, *(path for path, _ in anchors)], sample, protocol, call_ms
+                )
+            finally:
+                for path, _ in anchors:
+                    path.unlink(missing_ok=True)
+            outside_share = outside_layers_share(
+                {op: ms for op, (ms, _) in op_totals(profiled[0]).items()}
+            )
+        elif baseline_path is not None:
             # The baseline timed and profiled again beside the entries, in fresh
             # sessions, because its first timing may have met other load. The
             # share of its time in operators of no layer stays with every plan.
@@ -125,6 +148,7 @@ def plan_variants(
             outside_share = outside_layers_share(
                 unprofiled_op_times(op_totals(base_nodes), max(base_ms - call_ms, 0.0))
             )
+        if baseline_path is not None:
             logger.info(
                 "    baseline p50 %.3f ms beside the entries, %.1f%% of it outside the layers",
                 base_ms,
@@ -142,40 +166,21 @@ def plan_variants(
             cache_bytes=profile.data["device"].get("cache_bytes")
             or (core_cache_bytes() if local else None),
         )
-        int8_plan = {
-            x.name: Option("dense", "int8") if Option("dense", "int8") in options[x.name] else dense
-            for x in layers
-        }
-        names_in_order = [x.name for x in layers]
         if local:
-            # How fast each layer computes inside the fp32 baseline, from ONNX
-            # Runtime's profiler. Only meaningful where the profile is this machine's.
-            in_model = layer_node_times(base_nodes, names_in_order, max(base_ms - call_ms, 0.0))
-            entries = {x.name: costs.entry_for(x.name, 1.0, dense) for x in layers}
-            fit = dataclasses.replace(fit, rates=fit_rates(in_model, entries, "fp32"))
-        # The baseline quantized whole is measured on this machine, so it
-        # calibrates a profile of this machine only.
-        anchor = None
-        if local and any(o != dense for o in int8_plan.values()):
-            anchor = _int8_anchor(
-                baseline_path, int8_plan, config.quantize, io_names, calibration, protocol
+            fit = _fit_in_model(
+                fit,
+                profiled,
+                [{x.name: "fp32" for x in layers}, *(precisions for _, precisions in anchors)],
+                layers,
+                costs,
             )
-        if anchor is not None:
-            anchor_ms, nodes = anchor
-            in_model = layer_node_times(nodes, names_in_order, max(anchor_ms - call_ms, 0.0))
-            entries = {
-                name: costs.entry_for(name, 1.0, option)
-                for name, option in int8_plan.items()
-                if option.precision == "int8"
-            }
-            rates = {**fit.rates, **fit_rates(in_model, entries, "int8")}
-            fit = dataclasses.replace(fit, rates=rates)
             logger.info(
-                "    in-model rates of %d of %d layers from the profiled fp32 baseline and "
-                "the baseline quantized whole (%.3f ms)",
+                "    in-model rates of %d of %d layers and the time between layers in %d "
+                "contexts, from the fp32 baseline and %d quantized copies profiled side by side",
                 len({key.split("|")[0] for key in fit.rates}),
                 len(layers),
-                anchor_ms,
+                len(fit.gap_ms),
+                len(anchors),
             )
         fit = dataclasses.replace(
             fit, activation_bytes=activation_bytes(plan_entries(chain, base_plan, costs))
@@ -186,10 +191,6 @@ def plan_variants(
         }
         base_prediction = predict_plan(chain, base_plan, fit, costs)
         overhead = fit.overhead_ms
-
-    neighbours = None
-    if baseline_path is not None:
-        neighbours = _neighbours(baseline_path, layers)
 
     with Stage(4, total, "sensitivity and plan"):
         sensitivity = measure_sensitivity(
@@ -257,6 +258,9 @@ def plan_variants(
         "overhead_ms": overhead,
         "baseline_predicted_ms": base_prediction.latency_ms,
         "outside_layers_share": outside_share,
+        # What the latency model was fitted to, for 'deploy profile --check' and for reading
+        # a prediction back to its parts.
+        "calibration": dataclasses.asdict(fit),
         "plans": [p.to_dict() for p in plans],
     }
 
@@ -296,26 +300,80 @@ def _int8_islands(plans: list[Plan], choices, neighbours, method: str) -> list[P
     return sorted(result.values(), key=lambda p: p.predicted_latency_ms)
 
 
-def _int8_anchor(
-    baseline_path: Path, int8_plan: dict, quantize: QuantizeConfig, names, calibration, protocol
-) -> tuple[float, list] | None:
-    # The baseline with every layer that may be int8 quantized: its p50, timed
-    # like an entry, and its profiled nodes. None where quantizing it fails.
-    path = baseline_path.with_name("baseline.int8-anchor.onnx")
-    layers = [name for name, option in int8_plan.items() if option.precision == "int8"]
-    feeds = calibration_feeds(names, calibration) if quantize.method == "static" else None
-    try:
-        quantize_layers(baseline_path, path, layers, quantize, feeds)
-        sample = dict(zip(names, [a[:1] for a in calibration], strict=True))
-        p50 = time_sessions(path, sample, protocol).p50
-        return p50, node_profile(path, sample, protocol.threads, runs=30)
-    except ExportError as exc:
-        logger.info(
-            "    int8 layers keep their entries' latency: quantizing the baseline failed (%s)", exc
-        )
-        return None
-    finally:
-        path.unlink(missing_ok=True)
+def _anchor_models(
+    baseline_path: Path, layers, options, quantize: QuantizeConfig, names, calibration, neighbours
+) -> list[tuple[Path, dict]]:
+    # Copies of the baseline quantized whole and, for static int8, in
+    # alternating runs of two fp32 and two int8 layers at each of the four
+    # offsets: every gap between two layers is then profiled in each of its
+    # four precision contexts. Returns each file with each layer's precision
+    # as ONNX Runtime runs it (runtime_int8). Quantizing that fails leaves
+    # a copy out.
+    can_int8 = [x.name for x in layers if Option("dense", "int8") in options[x.name]]
+    if not can_int8:
+        return []
+    patterns = [set(can_int8)]
+    if quantize.method == "static" and len(layers) > 2:
+        for offset in range(4):
+            chosen = {
+                x.name for k, x in enumerate(layers) if (k + offset) % 4 >= 2 and x.name in can_int8
+            }
+            if chosen and chosen not in patterns:
+                patterns.append(chosen)
+    feeds = (
+        calibration_feeds(names, [a[:16] for a in calibration])
+        if quantize.method == "static"
+        else None
+    )
+    dense = Option("dense", "fp32")
+    models = []
+    for k, chosen in enumerate(patterns):
+        path = baseline_path.with_name(f"baseline.anchor{k}.onnx")
+        plan = {x.name: Option("dense", "int8") if x.name in chosen else dense for x in layers}
+        try:
+            quantize_layers(baseline_path, path, sorted(chosen), quantize, feeds)
+        except ExportError as exc:
+            logger.info("    a quantized copy of the baseline is left out: %s", exc)
+            continue
+        runs_int8 = chosen | runtime_int8(plan, neighbours, quantize.method)
+        models.append((path, {x.name: "int8" if x.name in runs_int8 else "fp32" for x in layers}))
+    return models
+
+
+def _fit_in_model(fit, profiled, precisions_of, layers, costs):
+    # Rates: each layer's time in the fp32 baseline and in the copy quantized
+    # whole over its entry's compute. Gaps: the nodes of no layer of every
+    # profiled model, by the precisions around them. ``precisions_of`` holds
+    # each profiled model's layer precisions, the fp32 baseline first.
+    names = [x.name for x in layers]
+    dense = Option("dense", "fp32")
+    owners = [node_owners(nodes, names) for nodes in profiled]
+    rates = {}
+    for precisions, nodes in list(zip(precisions_of, profiled, strict=True))[:2]:
+        precision = "int8" if "int8" in precisions.values() else "fp32"
+        in_model = layer_node_times(nodes, names, sum(ms for *_, ms in nodes))
+        entries = {
+            name: costs.entry_for(name, 1.0, Option("dense", precision))
+            for name in names
+            if precisions[name] == precision
+        }
+        rates.update(fit_rates(in_model, entries, precision))
+    order = list(dict.fromkeys(owner for owner in owners[0] if owner is not None))
+    gap_ms, gap_next = fit_gaps(
+        [
+            (nodes, own, precisions)
+            for nodes, own, precisions in zip(profiled, owners, precisions_of, strict=True)
+        ],
+        order,
+    )
+    values = {name: output_values(costs.entry_for(name, 1.0, dense)) for name in names}
+    return dataclasses.replace(
+        fit,
+        rates=rates,
+        gap_ms=gap_ms,
+        gap_next=gap_next,
+        gap_values={name: v for name, v in values.items() if v},
+    )
 
 
 def _neighbours(path: Path, layers) -> dict:

@@ -358,8 +358,8 @@ def float_region_nodes(
     A node whose operator is not in ``layer_ops`` (an Add, a pool, a
     reshape) is part of an int8 region only when every layer node it reaches,
     walking back through its inputs and forward through its outputs past
-    other such nodes, is in ``int8_nodes``. The graph's inputs and outputs
-    count as float. ONNX Runtime's static quantizer otherwise quantizes
+    other such nodes, is in ``int8_nodes``, or when it is the Relu or Clip
+    of an int8 layer. The graph's inputs and outputs count as float. ONNX Runtime's static quantizer otherwise quantizes
     every residual Add of a model with one int8 layer: 9 QLinearAdds and 15
     QuantizeLinear and DequantizeLinear pairs in an EfficientNet-Lite0
     variant whose only int8 layer was its classifier.
@@ -405,11 +405,23 @@ def float_region_nodes(
                     stack.append(node)
         return True
 
+    def activation_of_int8(node: onnx.NodeProto) -> bool:
+        # A Relu or Clip right after an int8 layer is quantized with it, and
+        # ONNX Runtime folds it into the layer's output range.
+        source = producers.get(node.input[0]) if node.input else None
+        return (
+            node.op_type in _FUSED_ACTIVATIONS
+            and source is not None
+            and source.op_type in ops
+            and source.name in int8
+        )
+
     return [
         node.name
         for node in proto.graph.node
         if node.op_type not in ops
         and node.op_type != "Constant"
+        and not activation_of_int8(node)
         and not (only_int8(node, True) and only_int8(node, False))
     ]
 
@@ -766,39 +778,50 @@ def node_profile(
     ]
 
 
+def node_owners(nodes: list[tuple[str, str, float]], layers: list[str]) -> list[str | None]:
+    """Return the layer each of ``node_profile``'s nodes belongs to, or None for a node of no layer.
+
+    A layer node (``LAYER_OPS``) belongs to the layer its name's module scope
+    names. ONNX Runtime renames the convs it fuses with an activation or
+    moves to NCHWc after the activation (``/blocks.1/act/Clip_output_0_nchwc``);
+    where the layer nodes left over are as many as the layers left over,
+    they are matched in run order. The rest (attention's MatMuls of two
+    activations, reorders, pools, adds) belong to no layer.
+    """
+    layer_set = set(layers)
+    owners: list[str | None] = []
+    unmatched = []
+    for k, (name, op, _) in enumerate(nodes):
+        owner = None
+        if op in LAYER_OPS:
+            scopes = _scope_paths(name.removeprefix("fused ").split("/")[1:-1])
+            owner = max((path for path in scopes if path in layer_set), key=len, default=None)
+            if owner is None:
+                unmatched.append(k)
+        owners.append(owner)
+    rest = [layer for layer in layers if layer not in set(owners)]
+    if rest and len(rest) == len(unmatched):
+        for k, layer in zip(unmatched, rest, strict=True):
+            owners[k] = layer
+    return owners
+
+
 def layer_node_times(
     nodes: list[tuple[str, str, float]], layers: list[str], run_ms: float
 ) -> dict[str, float]:
     """Return each layer's time inside a model, in ms, from ``node_profile``'s nodes.
 
-    A layer node (``LAYER_OPS``) belongs to the layer its name's module scope
-    names. ONNX Runtime renames the convs it fuses with an activation or
-    moves to NCHWc after the activation (``/blocks.1/act/Clip_output_0_nchwc``);
-    where the nodes left over are as many as the layers left over, they are
-    matched in run order. Layers still unmatched are left out. The
-    profiler's own cost per node is taken off (``unprofiled_op_times``),
-    with ``run_ms`` the model's time per run without the profiler, less the
-    session call.
+    Nodes are matched to layers by ``node_owners``; layers without a node
+    are left out. The profiler's own cost per node is taken off
+    (``unprofiled_op_times``), with ``run_ms`` the model's time per run
+    without the profiler, less the session call.
     """
     total = sum(ms for _, _, ms in nodes)
     excess = max(total - run_ms, 0.0) / len(nodes) if nodes else 0.0
-    layer_set = set(layers)
     found: dict[str, float] = {}
-    unmatched = []
-    for name, op, ms in nodes:
-        if op not in LAYER_OPS:
-            continue
-        scopes = _scope_paths(name.removeprefix("fused ").split("/")[1:-1])
-        owner = max((path for path in scopes if path in layer_set), key=len, default=None)
-        if owner is None:
-            unmatched.append(ms)
-        else:
+    for (_, _, ms), owner in zip(nodes, node_owners(nodes, layers), strict=True):
+        if owner is not None:
             found[owner] = found.get(owner, 0.0) + max(ms - excess, 0.0)
-    rest = [layer for layer in layers if layer not in found]
-    if rest and len(rest) == len(unmatched):
-        found.update(
-            {layer: max(ms - excess, 0.0) for layer, ms in zip(rest, unmatched, strict=True)}
-        )
     return found
 
 
