@@ -1,6 +1,28 @@
 """The latency model: a whole variant's latency from its layers' latency table entries.
 
-A variant's predicted latency is
+Where the profile is this machine's, a variant's predicted latency is
+
+    call + sum over layers of compute(entry) x rate + sum over gaps of gap time
+
+- ``compute`` is the one-layer model's net time less its conversions
+  (see below), and ``rate`` how much slower that layer computes inside the
+  model than alone, from ONNX Runtime's profiler on the fp32 baseline and on
+  the baseline quantized whole (``fit_rates``).
+- A gap is everything ONNX Runtime runs between one layer and the next:
+  reorders, QuantizeLinear, DequantizeLinear, transposes, pools, adds,
+  normalizations, attention's MatMuls of two activations. Its time depends
+  on the precisions on its two sides: on an AMD EPYC a MaxPool between an
+  fp32 conv and an int8 one ran as a uint8 pool in NCHW, 60 us against 4 us
+  between two fp32 convs. So gaps are profiled in each context, on the
+  baseline quantized whole and on copies quantized in alternating runs of
+  two fp32 and two int8 layers (``fit_gaps``). A gap after a pruned layer
+  scales with the values that layer writes.
+
+Every model behind the rates and gaps is profiled round-robin with the
+baseline, so that a burst of load on the machine shifts them alike.
+
+For a profile of another device, nothing can be profiled here, and the
+predicted latency is
 
     overhead + sum over layers of cost(entry) - what edges of one layout save
 
@@ -14,15 +36,11 @@ A variant's predicted latency is
   model a layer converts only on an edge to a neighbour of another layout,
   so each edge between two layers of one layout saves the output side of
   the first and the input side of the second (``edge_savings``).
-- ``cost(entry)`` is the compute at the layer's in-model rate plus its
-  conversions (``Calibration.layer_ms``). A one-layer model runs with its
-  weights and input in cache, so inside a model the same layer computes at
-  a rate of its own. The rates come from ONNX Runtime's profiler on two
-  models measured on this machine: the fp32 baseline and the baseline
-  quantized whole (``fit_rates``). A layer without a rate, and every layer
-  when the profile is another device's, falls back to per-model factors:
-  ``scale`` on every net entry, and memory
-  traffic for weights beyond the core's cache (``calibrate``).
+- ``cost(entry)`` is the net entry times a per-model ``scale``, plus memory
+  traffic for weights beyond the core's cache (``calibrate``): a one-layer
+  model runs with its weights in cache, a whole model may not. A layer
+  with an in-model rate but no gaps profiled costs its compute at that
+  rate plus its conversions (``Calibration.layer_ms``).
 - ``overhead`` is one session call plus the time the baseline spends
   outside its layers (attention's softmax, normalization, GELU, pooling,
   reshapes), measured as a share of its run time with ONNX Runtime's

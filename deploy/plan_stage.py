@@ -185,12 +185,15 @@ def plan_variants(
         fit = dataclasses.replace(
             fit, activation_bytes=activation_bytes(plan_entries(chain, base_plan, costs))
         )
+        # With gaps profiled, a layer costs its compute and the planner prices
+        # the gaps between layers by the precisions on their two sides.
+        price = fit.compute_ms if fit.gap_ms else fit.layer_ms
         latency = {
-            (name, keep, option): fit.layer_ms(name, costs.entry_for(name, keep, option))
+            (name, keep, option): price(name, costs.entry_for(name, keep, option))
             for (name, keep, option) in latency
         }
         base_prediction = predict_plan(chain, base_plan, fit, costs)
-        overhead = fit.overhead_ms
+        overhead = fit.call_ms if fit.gap_ms and fit.call_ms is not None else fit.overhead_ms
 
     with Stage(4, total, "sensitivity and plan"):
         sensitivity = measure_sensitivity(
@@ -210,8 +213,9 @@ def plan_variants(
                 options=options[x.name],
                 latency_ms={(k, o): v for (n, k, o), v in latency.items() if n == x.name},
                 distortion=sensitivity[x.name],
+                **_gap_costs(fit, layers, options, i),
             )
-            for x in layers
+            for i, x in enumerate(layers)
         ]
         budgets_ms = config.budgets_ms
         if config.budgets_mj:
@@ -374,6 +378,24 @@ def _fit_in_model(fit, profiled, precisions_of, layers, costs):
         gap_next=gap_next,
         gap_values={name: v for name, v in values.items() if v},
     )
+
+
+def _gap_costs(fit, layers, options, i: int) -> dict:
+    # The planner's gap_ms before layer i and, for the last layer, its tail_ms.
+    if not fit.gap_ms:
+        return {}
+    name = layers[i].name
+    precisions = {o.precision for o in options[name]}
+    before = layers[i - 1].name if i else ""
+    earlier = {o.precision for o in options[before]} if before else {"io"}
+    costs = {
+        "gap_ms": {
+            (a, b): fit.gap(before, a, b) for a in sorted(earlier) for b in sorted(precisions)
+        }
+    }
+    if i == len(layers) - 1:
+        costs["tail_ms"] = {b: fit.gap(name, b, "io") for b in sorted(precisions)}
+    return costs
 
 
 def _neighbours(path: Path, layers) -> dict:

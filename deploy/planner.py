@@ -9,7 +9,11 @@ dynamic program over the layers, with latency discretized into bins.
 
 Pruning a layer's output channels also shrinks the input of the layer that
 consumes them, so the DP carries the open producer's keep fraction as its
-state: a consumer's latency depends on it. The planner never runs a model.
+state: a consumer's latency depends on it. It also carries the previous
+layer's precision, because what runs between two layers (conversions, and
+pools that change kernels with the precision around them) costs what it
+costs in that context (``LayerChoices.gap_ms``). The planner never runs a
+model.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ class LayerChoices:
         options: every option of the layer.
         latency_ms: predicted latency of (input keep, option).
         distortion: predicted output distortion of each option.
+        gap_ms: the time between the previous layer and this one, keyed
+            by (previous precision, this precision); "io" stands for the
+            model's input. It scales with the previous layer's output keep.
+            Defaults to none: nothing between layers.
+        tail_ms: after the last layer, the time to the model's output,
+            keyed by its precision. Defaults to none.
     """
 
     name: str
@@ -57,6 +67,8 @@ class LayerChoices:
     options: list[Option]
     latency_ms: dict[tuple[float, Option], float]
     distortion: dict[Option, float]
+    gap_ms: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    tail_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def input_keeps(self) -> list[float]:
         return sorted({keep for keep, _ in self.latency_ms}, reverse=True)
@@ -122,17 +134,32 @@ def _out_keep(layer: LayerChoices, in_keep: float, option: Option) -> float:
     return in_keep if layer.passthrough else option.keep
 
 
+def _precisions(layers: list[LayerChoices]) -> list[str]:
+    return ["io", *sorted({o.precision for layer in layers for o in layer.options})]
+
+
+def _step_ms(layer: LayerChoices, in_keep: float, before: str, option: Option, last: bool) -> float:
+    # The layer at this option, the gap before it, and after the last layer the gap to the output.
+    ms = (
+        layer.latency_ms[(in_keep, option)]
+        + layer.gap_ms.get((before, option.precision), 0.0) * in_keep
+    )
+    if last:
+        ms += layer.tail_ms.get(option.precision, 0.0) * _out_keep(layer, in_keep, option)
+    return ms
+
+
 def predict(
     layers: list[LayerChoices], choice: dict[str, Option], overhead_ms: float
 ) -> tuple[float, float]:
     """Return (latency_ms, distortion) the costs predict for one option per layer."""
-    latency, distortion, keep = overhead_ms, 0.0, 1.0
-    for layer in layers:
+    latency, distortion, keep, before = overhead_ms, 0.0, 1.0, "io"
+    for k, layer in enumerate(layers):
         option = choice[layer.name]
         in_keep = keep if layer.input_from is not None else 1.0
-        latency += layer.latency_ms[(in_keep, option)]
+        latency += _step_ms(layer, in_keep, before, option, k == len(layers) - 1)
         distortion += layer.distortion[option]
-        keep = _out_keep(layer, in_keep, option)
+        keep, before = _out_keep(layer, in_keep, option), option.precision
     return latency, distortion
 
 
@@ -149,31 +176,41 @@ def plan_for_budget(
         return None
     unit = available / bins
     keeps = _keep_states(layers)
-    index = {k: i for i, k in enumerate(keeps)}
+    precisions = _precisions(layers)
+    width = len(precisions)
+    index = {
+        (keep, precision): i * width + j
+        for i, keep in enumerate(keeps)
+        for j, precision in enumerate(precisions)
+    }
     inf = math.inf
-    # best[s, b]: least distortion so far with open keep state s and total cost <= b bins.
-    best = np.full((len(keeps), bins + 1), inf)
-    best[index[1.0], :] = 0.0
-    back = []  # per layer: (state, bin) -> (previous state, option index, cost)
-    for layer in layers:
+    # best[s, b]: least distortion so far in state s (the open keep and the
+    # previous layer's precision) with total cost <= b bins.
+    best = np.full((len(index), bins + 1), inf)
+    best[index[(1.0, "io")], :] = 0.0
+    back = []  # per layer: (state, bin) -> (option index, previous state)
+    for k, layer in enumerate(layers):
+        last = k == len(layers) - 1
         new = np.full_like(best, inf)
         choice = np.full(best.shape, -1, dtype=np.int64)
         source = np.full(best.shape, -1, dtype=np.int64)
         for in_keep in layer.input_keeps():
-            s = index[in_keep]
-            if not np.isfinite(best[s]).any():
-                continue
-            for o, option in enumerate(layer.options):
-                cost = math.ceil(layer.latency_ms[(in_keep, option)] / unit - 1e-9)
-                if cost > bins:
+            for before in precisions:
+                s = index[(in_keep, before)]
+                if not np.isfinite(best[s]).any():
                     continue
-                t = index[_out_keep(layer, in_keep, option)]
-                shifted = np.full(bins + 1, inf)
-                shifted[cost:] = best[s, : bins + 1 - cost] + layer.distortion[option]
-                better = shifted < new[t]
-                new[t][better] = shifted[better]
-                choice[t][better] = o
-                source[t][better] = s
+                for o, option in enumerate(layer.options):
+                    ms = _step_ms(layer, in_keep, before, option, last)
+                    cost = math.ceil(ms / unit - 1e-9)
+                    if cost > bins:
+                        continue
+                    t = index[(_out_keep(layer, in_keep, option), option.precision)]
+                    shifted = np.full(bins + 1, inf)
+                    shifted[cost:] = best[s, : bins + 1 - cost] + layer.distortion[option]
+                    better = shifted < new[t]
+                    new[t][better] = shifted[better]
+                    choice[t][better] = o
+                    source[t][better] = s
         back.append((choice, source))
         best = new
     final = best[:, bins]
@@ -181,12 +218,14 @@ def plan_for_budget(
         return None
     state, remaining = int(np.argmin(final)), bins
     chosen: dict[str, Option] = {}
-    for layer, (choice, source) in zip(reversed(layers), reversed(back), strict=True):
+    for k in reversed(range(len(layers))):
+        layer, (choice, source) = layers[k], back[k]
         o, previous = int(choice[state, remaining]), int(source[state, remaining])
         option = layer.options[o]
         chosen[layer.name] = option
-        in_keep = keeps[previous]
-        remaining -= math.ceil(layer.latency_ms[(in_keep, option)] / unit - 1e-9)
+        in_keep, before = keeps[previous // width], precisions[previous % width]
+        ms = _step_ms(layer, in_keep, before, option, k == len(layers) - 1)
+        remaining -= math.ceil(ms / unit - 1e-9)
         state = previous
     chosen = {layer.name: chosen[layer.name] for layer in layers}
     latency, distortion = predict(layers, chosen, overhead_ms)
@@ -195,21 +234,20 @@ def plan_for_budget(
 
 def fastest_latency(layers: list[LayerChoices], overhead_ms: float) -> float:
     """Return the least predicted latency any plan reaches."""
-    keeps = _keep_states(layers)
-    best = {1.0: overhead_ms}
-    for layer in layers:
-        new: dict[float, float] = {}
-        for in_keep, so_far in best.items():
-            if layer.input_from is None and in_keep != 1.0:
+    best = {(1.0, "io"): overhead_ms}
+    for k, layer in enumerate(layers):
+        last = k == len(layers) - 1
+        new: dict[tuple[float, str], float] = {}
+        for (keep, before), so_far in best.items():
+            if layer.input_from is None and keep != 1.0:
                 continue
+            in_keep = keep if layer.input_from is not None else 1.0
             for option in layer.options:
-                key = (in_keep if layer.input_from is not None else 1.0, option)
-                t = _out_keep(layer, key[0], option)
-                total = so_far + layer.latency_ms[key]
-                if total < new.get(t, math.inf):
-                    new[t] = total
+                state = (_out_keep(layer, in_keep, option), option.precision)
+                total = so_far + _step_ms(layer, in_keep, before, option, last)
+                if total < new.get(state, math.inf):
+                    new[state] = total
         best = new
-    del keeps
     return min(best.values())
 
 

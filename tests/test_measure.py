@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 from torch import nn
 
@@ -96,3 +97,31 @@ def test_measure_dynamic_int8_entry(check_entry):
     # Dynamic and static int8 entries have different lookup keys.
     static_key = entry_key(**spec.key_fields("int8"))
     assert _key_of(entry) == entry_key(**spec.key_fields("int8", "dynamic")) != static_key
+
+
+def test_profile_rounds_takes_the_profilers_cost_off(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from deploy.measure import profile_rounds
+
+    # A chain of 20 Relus on a small tensor: nearly all of each profiled
+    # node's time is the profiler's own.
+    nodes = [helper.make_node("Relu", [f"t{k}"], [f"t{k + 1}"], name=f"relu{k}") for k in range(20)]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("t20", TensorProto.FLOAT, [1, 64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, str(path))
+    feeds = {"t0": np.ones((1, 64), np.float32)}
+    p50, (profiled,) = profile_rounds([path], feeds, TimingProtocol(warmup=5, runs=30), 0.0)
+    assert p50 > 0
+    assert [name for name, *_ in profiled] == [f"relu{k}" for k in range(20)]
+    assert all(ms >= 0 for *_, ms in profiled)
+    # With the profiler's cost off, the nodes add up to no more than the
+    # unprofiled run, give or take timing noise.
+    assert sum(ms for *_, ms in profiled) <= 1.5 * p50

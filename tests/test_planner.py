@@ -273,3 +273,37 @@ def test_sweep_many_layers_near_fastest():
     baseline = sum(layer.latency_ms[(1.0, DENSE)] for layer in layers)
     plans = sweep(layers, 0.0, baseline_ms=baseline, count=2)
     assert plans[0].predicted_latency_ms < fastest * 1.15
+
+
+def _two_layers_with_gaps() -> list[LayerChoices]:
+    fp32, int8 = Option("dense", "fp32"), Option("dense", "int8")
+    layers = [
+        LayerChoices(
+            name,
+            None,
+            False,
+            [fp32, int8],
+            {(1.0, fp32): 1.0, (1.0, int8): 0.6},
+            {fp32: 0.0, int8: 0.1},
+        )
+        for name in ("a", "b")
+    ]
+    # Going from fp32 into int8 before b costs 1 ms; every other context is free.
+    layers[1].gap_ms = {("fp32", "int8"): 1.0}
+    layers[1].tail_ms = {"int8": 0.05}
+    return layers
+
+
+def test_plan_avoids_a_costly_precision_change():
+    layers = _two_layers_with_gaps()
+    plan = plan_for_budget(layers, budget_ms=1.7, overhead_ms=0.0)
+    # int8 then fp32 (1.6 ms) fits; fp32 then int8 would take 2.65 ms.
+    assert plan.layers == {"a": Option("dense", "int8"), "b": Option("dense", "fp32")}
+    assert plan.predicted_latency_ms == pytest.approx(1.6)
+    assert plan.predicted_distortion == pytest.approx(0.1)
+
+
+def test_fastest_latency_counts_gaps_and_tail():
+    layers = _two_layers_with_gaps()
+    # Both int8: 0.6 + 0.6, plus 0.05 from the last int8 layer to the output.
+    assert fastest_latency(layers, 0.0) == pytest.approx(1.25)

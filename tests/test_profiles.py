@@ -756,3 +756,86 @@ def test_retime_uses_saved_timing_input(tmp_path, monkeypatch):
     check_run(tmp_path, retime_rounds=1)
     assert seen
     assert all(np.array_equal(feed, saved) for feed in seen)
+
+
+def _gap_nodes(pool_ms: float, convert_ms: float = 0.0) -> list[tuple[str, str, float]]:
+    # Two convs with a pool between them, and a conversion before the second.
+    nodes = [("/a/Conv", "Conv", 1.0), ("/pool/MaxPool", "MaxPool", pool_ms)]
+    if convert_ms:
+        nodes.append(("/b/Conv_q", "QuantizeLinear", convert_ms))
+    return [*nodes, ("/b/Conv", "Conv", 2.0)]
+
+
+def test_fit_gaps_by_precision_context():
+    from deploy.latency_model import fit_gaps
+
+    owners = ["a", None, "b"]
+    profiled = [
+        (_gap_nodes(0.01), owners, {"a": "fp32", "b": "fp32"}),
+        (_gap_nodes(0.05, 0.02), [*owners[:2], None, "b"], {"a": "fp32", "b": "int8"}),
+        # The same context profiled twice: the median counts.
+        (_gap_nodes(0.03, 0.02), [*owners[:2], None, "b"], {"a": "fp32", "b": "int8"}),
+        (_gap_nodes(0.09, 0.02), [*owners[:2], None, "b"], {"a": "fp32", "b": "int8"}),
+    ]
+    gap_ms, gap_next = fit_gaps(profiled, ["a", "b"])
+    assert gap_next == {"": "a", "a": "b", "b": ""}
+    assert gap_ms["a|fp32|fp32"] == pytest.approx(0.01)
+    assert gap_ms["a|fp32|int8"] == pytest.approx(0.07)
+    assert gap_ms["|io|fp32"] == 0.0
+    assert gap_ms["b|int8|io"] == 0.0
+
+
+def test_gap_falls_back_to_the_next_layers_precision():
+    calibration = Calibration(
+        0.0,
+        1.0,
+        gap_ms={"a|fp32|fp32": 0.01, "a|int8|int8": 0.03},
+        gap_next={"": "a", "a": "b", "b": ""},
+    )
+    assert calibration.gap("a", "fp32", "fp32") == pytest.approx(0.01)
+    # Never profiled from fp32 into int8: the int8 -> int8 time stands in.
+    assert calibration.gap("a", "fp32", "int8") == pytest.approx(0.03)
+    assert calibration.gap("b", "int8", "io") == 0.0
+
+
+def test_predict_plan_with_gaps_prices_compute_and_gaps():
+    fp32, int8 = Option("dense", "fp32"), Option("dense", "int8")
+    choices = [
+        LayerChoices(n, None, False, [fp32, int8], {(1.0, fp32): 1.0, (1.0, int8): 1.0}, {})
+        for n in ("a", "b")
+    ]
+    entries = {
+        (n, p): _entry(precision=p, p50_ms=0.52, call_ms=0.02, layout_ms=0.1)
+        for n in ("a", "b")
+        for p in ("fp32", "int8")
+    }
+    calibration = Calibration(
+        0.05,
+        1.0,
+        call_ms=0.02,
+        rates={"a|fp32": 2.0, "b|fp32": 1.0, "a|int8": 1.0, "b|int8": 1.0},
+        gap_ms={"|io|fp32": 0.0, "a|fp32|fp32": 0.01, "a|fp32|int8": 0.2, "b|int8|io": 0.03},
+        gap_next={"": "a", "a": "b", "b": ""},
+        gap_values={"a": 1024.0, "b": 1024.0},
+    )
+    prediction = predict_plan(choices, {"a": fp32, "b": int8}, calibration, _StubCosts(entries))
+    # Compute is net less conversions (0.5 - 0.1), at each layer's rate: a at 2x, b at 1x.
+    assert prediction.layers_ms == pytest.approx(0.8 + 0.4)
+    # The call, then the gap after a (fp32 -> int8) and after b (int8 -> output).
+    assert prediction.overhead_ms == pytest.approx(0.02 + 0.2 + 0.03)
+    assert prediction.latency_ms == pytest.approx(0.02 + 0.23 + 1.2)
+    assert prediction.edges_ms == 0.0
+
+
+def test_gap_after_a_pruned_layer_scales_with_its_output():
+    calibration = Calibration(
+        0.0,
+        1.0,
+        gap_ms={"a|fp32|fp32": 0.04},
+        gap_next={"a": "b"},
+        gap_values={"a": 1000.0},
+    )
+    precisions = {"a": "fp32", "b": "fp32"}
+    assert calibration.gaps_ms(precisions, {"a": 1000.0}) == pytest.approx(0.04)
+    # Half the channels kept: the pool after it reads half as much.
+    assert calibration.gaps_ms(precisions, {"a": 500.0}) == pytest.approx(0.02)
