@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how agreement is measured (default: classification)",
     )
     optimize.add_argument(
+        "--min-timing-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="least time the alternating timing rounds take, so that a burst of load on a "
+        "shared machine meets few of them (default: 10; 0 for the fewest rounds)",
+    )
+    optimize.add_argument(
         "--resume", action="store_true", help="finish an interrupted run of the same --out"
     )
     optimize.add_argument(
@@ -230,6 +238,8 @@ def config_from_args(args: argparse.Namespace):
     }
     if args.passes is not None:
         config_args["passes"] = args.passes
+    if args.min_timing_s is not None:
+        config_args["min_timing_s"] = args.min_timing_s
     if args.keep_float:
         config_args["quantize"] = QuantizeConfig(keep_float=args.keep_float)
     return OptimizeConfig(**config_args)

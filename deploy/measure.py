@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,14 @@ def profile_rounds(
     call_ms: float,
     rounds: int = SESSIONS,
     runs: int = 20,
+    min_seconds: float = 0.0,
+    max_rounds: int = 30,
 ) -> tuple[float, list[list[tuple[str, str, float]]]]:
     """Time and profile every model, round-robin, each in fresh sessions.
+
+    After ``rounds`` rounds, more follow until they have taken ``min_seconds``
+    in all (at most ``max_rounds``), so that a burst of load on a shared
+    machine meets a minority of them.
 
     Returns the first model's p50 (the median over ``rounds``) and each
     model's ``node_profile`` nodes, each node's time the median over the
@@ -89,7 +96,10 @@ def profile_rounds(
     timing = dataclasses.replace(protocol, runs=min(protocol.runs, 50))
     p50s = []
     rounds_nodes: list[list[list[tuple[str, str, float]]]] = [[] for _ in paths]
-    for _ in range(rounds):
+    start = time.perf_counter()
+    while len(p50s) < rounds or (
+        time.perf_counter() - start < min_seconds and len(p50s) < max_rounds
+    ):
         timed = [OnnxRunner(path, protocol.threads).time(feeds, timing).p50 for path in paths]
         profiles = [node_profile(path, feeds, protocol.threads, runs=runs) for path in paths]
         extra = sum(

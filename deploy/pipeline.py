@@ -68,6 +68,7 @@ from deploy.run_folder import (
 from deploy.stages import Stage
 from deploy.torch_utils import first_output, predict, to_tensors
 from deploy.validate import (
+    MIN_SIDE_BY_SIDE_S,
     time_side_by_side,
     validate_artifact,
 )
@@ -113,6 +114,10 @@ class OptimizeConfig:
             similarity >= 0.99). Defaults to ``classification``.
         max_calibration_samples: cap on samples used for sensitivity and
             quantization calibration. Defaults to 256.
+        min_timing_s: the least time, in seconds, that the alternating
+            rounds of the calibration profiles and of the side-by-side
+            timing take; on a shared machine a burst of load lasts seconds.
+            0 keeps the fewest rounds (3 and 5). Defaults to 10.
     """
 
     budgets_ms: list[float] | None = None
@@ -126,6 +131,7 @@ class OptimizeConfig:
     space: SearchSpace | None = None
     task: str = "classification"
     max_calibration_samples: int = 256
+    min_timing_s: float = MIN_SIDE_BY_SIDE_S
 
     def __post_init__(self):
         if isinstance(self.passes, str) or not isinstance(self.passes, (list, tuple)):
@@ -150,6 +156,13 @@ class OptimizeConfig:
                 f"calibration fraction {self.calibration_fraction} is outside [0.05, 0.9]; "
                 f"the rest of the data must be left for validation"
             )
+        seconds = self.min_timing_s
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not 0 <= seconds <= 600
+        ):
+            raise DeployError(f"min_timing_s {seconds!r} must be a number of seconds in [0, 600]")
         if self.task not in ("classification", "embedding"):
             raise DeployError(f"task {self.task!r} is not 'classification' or 'embedding'")
         if self.finetune is not None and not isinstance(self.finetune, FinetuneConfig):
@@ -177,6 +190,7 @@ class OptimizeConfig:
             "quantize": self.quantize.to_dict(),
             "space": self.space.to_dict(),
             "task": self.task,
+            "min_timing_s": self.min_timing_s,
         }
 
 
@@ -588,7 +602,9 @@ def _run(
     with Stage(6, total, "time the baseline and the variants side by side"):
         baseline["predicted_latency_ms"] = planned["baseline_predicted_ms"]
         baseline["outside_layers_share"] = planned.get("outside_layers_share", 0.0)
-        _retime_side_by_side(partial, baseline, variants, validation_set, protocol)
+        _retime_side_by_side(
+            partial, baseline, variants, validation_set, protocol, config.min_timing_s
+        )
 
     with Stage(7, total, "report"):
         for entry in [baseline, *variants]:
@@ -624,8 +640,9 @@ def _run(
                 "batch_size": 1,
                 "input_shapes": [[1, *a.shape[1:]] for a in validation_set.inputs],
                 "warmup_excluded": True,
-                "side_by_side": "p50 and p90 are medians over 5 alternating rounds that time "
-                "the baseline and every valid variant on the same input",
+                "side_by_side": "p50 and p90 are medians over alternating rounds (at least 5, "
+                f"and at least {config.min_timing_s:g} s in all; each entry's latency_ms.rounds) "
+                "that time the baseline and every valid variant on the same input",
                 "cold_start": "a fresh session's creation plus its first run, reported as "
                 "cold_ms apart from p50 and p90",
             },
@@ -691,7 +708,7 @@ def resolve_keep_float(names: list[str], model: nn.Module, float_onnx: Path) -> 
 
 
 def _retime_side_by_side(
-    partial: Path, baseline: dict, variants: list[dict], data, protocol
+    partial: Path, baseline: dict, variants: list[dict], data, protocol, min_seconds: float
 ) -> None:
     """Replace each valid entry's p50 and p90 with figures timed side by side, in place.
 
@@ -707,7 +724,12 @@ def _retime_side_by_side(
     buffer = io.BytesIO()
     np.savez(buffer, **inputs)
     write_atomic(partial / TIMING_INPUT, buffer.getvalue())
-    timed = time_side_by_side({e["name"]: partial / e["artifact"] for e in entries}, data, protocol)
+    timed = time_side_by_side(
+        {e["name"]: partial / e["artifact"] for e in entries},
+        data,
+        protocol,
+        min_seconds=min_seconds,
+    )
     baseline_p50 = timed["baseline"]["p50"]
     for entry in entries:
         entry["latency_ms"]["validation_p50"] = entry["latency_ms"]["p50"]

@@ -130,7 +130,11 @@ def plan_variants(
             )
             try:
                 base_ms, profiled = profile_rounds(
-                    [baseline_path, *(path for path, _ in anchors)], sample, protocol, call_ms
+                    [baseline_path, *(path for path, _ in anchors)],
+                    sample,
+                    protocol,
+                    call_ms,
+                    min_seconds=config.min_timing_s,
                 )
             finally:
                 for path, _ in anchors:

@@ -69,8 +69,10 @@ def report_markdown(manifest: dict) -> str:
         "",
         f"Device profile: `{manifest['device_profile']['name']}` "
         f"({manifest['device_profile']['runtime']}, {manifest['device_profile']['threads']} thread(s)). "
-        f"Latency: batch 1, the baseline and every valid variant timed side by side in 5 "
-        f"alternating rounds ({manifest['protocol']['warmup']} warm-up runs each), {manifest['protocol']['runs']} "
+        f"Latency: batch 1, the baseline and every valid variant timed side by side in "
+        f"{baseline['latency_ms'].get('rounds', 5)} alternating rounds "
+        f"({manifest['protocol']['warmup']} warm-up runs each), "
+        f"{baseline['latency_ms'].get('runs', manifest['protocol']['runs'])} "
         f"timed runs per model in all; p50 and p90 are medians over the rounds. "
         f"Predicted ms is the latency model's figure, recalibrated to the baseline's "
         f"side-by-side p50 (the baseline's own is its p50 when validated). "

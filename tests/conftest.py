@@ -106,6 +106,7 @@ def _small_config(**overrides):
         "finetune": FinetuneConfig(epochs=1),
         "max_calibration_samples": 64,
         "space": SearchSpace(keep_ratios=(0.5,), rank_fractions=(0.5,)),
+        "min_timing_s": 0.0,
     }
     return OptimizeConfig(**{**settings, **overrides})
 

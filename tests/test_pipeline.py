@@ -276,8 +276,13 @@ def test_optimize_existing_out(tmp_path, profile_path, heldout):
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("passes", ("fold",)), ("calibration_fraction", 0.99), ("task", "detection")],
-    ids=["pass", "calibration-fraction", "task"],
+    [
+        ("passes", ("fold",)),
+        ("calibration_fraction", 0.99),
+        ("task", "detection"),
+        ("min_timing_s", -1.0),
+    ],
+    ids=["pass", "calibration-fraction", "task", "min-timing"],
 )
 def test_config_rejects_bad_value(setting, value):
     with pytest.raises(DeployError, match=str(value[0] if isinstance(value, tuple) else value)):

@@ -79,14 +79,27 @@ def write_profile(folder: Path) -> Path:
 
 def small_config(**overrides) -> OptimizeConfig:
     """Return a quick OptimizeConfig: int8 and pruning, four budgets, no fine-tuning."""
-    settings = {"passes": ("quantize", "prune"), "num_budgets": 4, "finetune": None}
+    settings = {
+        "passes": ("quantize", "prune"),
+        "num_budgets": 4,
+        "finetune": None,
+        "min_timing_s": 0.0,
+    }
     settings.update(overrides)
     if settings["finetune"] is not None and not isinstance(settings["finetune"], FinetuneConfig):
         settings["finetune"] = FinetuneConfig()
     return OptimizeConfig(**settings)
 
 
-SMALL_ARGS = ["--passes", "quantize,prune", "--num-budgets", "4", "--no-finetune"]
+SMALL_ARGS = [
+    "--passes",
+    "quantize,prune",
+    "--num-budgets",
+    "4",
+    "--no-finetune",
+    "--min-timing-s",
+    "0",
+]
 
 
 def run_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:

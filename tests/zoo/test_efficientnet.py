@@ -63,6 +63,7 @@ def test_optimize_prunes_and_quantizes_efficientnet(tmp_path, model, photos, mak
         quantize=QuantizeConfig(method="static", per_channel=True),
         finetune=None,
         num_budgets=2,
+        min_timing_s=0.0,
         max_calibration_samples=8,
     )
     manifest = deploy.optimize(

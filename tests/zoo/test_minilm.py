@@ -106,6 +106,7 @@ def test_optimize_factorizes_and_quantizes_minilm(tmp_path, model, make_profile)
         quantize=QuantizeConfig(method="dynamic", per_channel=True),
         finetune=None,
         num_budgets=2,
+        min_timing_s=0.0,
         max_calibration_samples=16,
     )
     manifest = deploy.optimize(
