@@ -304,9 +304,9 @@ class Calibration:
     def gaps_ms(self, precisions: dict[str, str], values: dict[str, float]) -> float:
         """Return the time between a plan's layers (``gap_ms``).
 
-        ``precisions`` is each layer's precision as ONNX Runtime runs it and
-        ``values`` the values each layer writes; the gap after a pruned
-        layer scales with them.
+        ``precisions`` is each layer's precision as ONNX Runtime runs it.
+        ``values`` is the number of values each layer writes, so the gap
+        after a pruned layer scales with them.
         """
         total = 0.0
         for layer, following in self.gap_next.items():

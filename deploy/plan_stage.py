@@ -320,6 +320,7 @@ def _anchor_models(
     can_int8 = [x.name for x in layers if Option("dense", "int8") in options[x.name]]
     if not can_int8:
         return []
+
     patterns = [set(can_int8)]
     if quantize.method == "static" and len(layers) > 2:
         for offset in range(4):
@@ -328,6 +329,7 @@ def _anchor_models(
             }
             if chosen and chosen not in patterns:
                 patterns.append(chosen)
+
     feeds = (
         calibration_feeds(names, [a[:16] for a in calibration])
         if quantize.method == "static"
@@ -335,6 +337,7 @@ def _anchor_models(
     )
     dense = Option("dense", "fp32")
     models = []
+
     for k, chosen in enumerate(patterns):
         path = baseline_path.with_name(f"baseline.anchor{k}.onnx")
         plan = {x.name: Option("dense", "int8") if x.name in chosen else dense for x in layers}
@@ -351,11 +354,12 @@ def _anchor_models(
 def _fit_in_model(fit, profiled, precisions_of, layers, costs):
     # Rates: each layer's time in the fp32 baseline and in the copy quantized
     # whole over its entry's compute. Gaps: the nodes of no layer of every
-    # profiled model, by the precisions around them. ``precisions_of`` holds
+    # profiled model, by the precisions around them. ``precisions_of`` is
     # each profiled model's layer precisions, the fp32 baseline first.
     names = [x.name for x in layers]
     dense = Option("dense", "fp32")
     owners = [node_owners(nodes, names) for nodes in profiled]
+
     rates = {}
     for precisions, nodes in list(zip(precisions_of, profiled, strict=True))[:2]:
         precision = "int8" if "int8" in precisions.values() else "fp32"
@@ -366,6 +370,7 @@ def _fit_in_model(fit, profiled, precisions_of, layers, costs):
             if precisions[name] == precision
         }
         rates.update(fit_rates(in_model, entries, precision))
+
     order = list(dict.fromkeys(owner for owner in owners[0] if owner is not None))
     gap_ms, gap_next = fit_gaps(
         [

@@ -356,10 +356,11 @@ def float_region_nodes(
     """Return the nodes other than layers that touch float layers, which a QDQ quantizer should skip.
 
     A node whose operator is not in ``layer_ops`` (an Add, a pool, a
-    reshape) is part of an int8 region only when every layer node it reaches,
-    walking back through its inputs and forward through its outputs past
-    other such nodes, is in ``int8_nodes``, or when it is the Relu or Clip
-    of an int8 layer. The graph's inputs and outputs count as float. ONNX Runtime's static quantizer otherwise quantizes
+    reshape) walks back through its inputs and forward through its outputs,
+    past other such nodes, to the layer nodes it reaches. It is part of an
+    int8 region only when all of those are in ``int8_nodes``, or when it is
+    the Relu or Clip of an int8 layer. The graph's inputs and outputs count
+    as float. ONNX Runtime's static quantizer otherwise quantizes
     every residual Add of a model with one int8 layer: 9 QLinearAdds and 15
     QuantizeLinear and DequantizeLinear pairs in an EfficientNet-Lite0
     variant whose only int8 layer was its classifier.

@@ -793,7 +793,7 @@ def test_gap_falls_back_to_the_next_layers_precision():
         gap_next={"": "a", "a": "b", "b": ""},
     )
     assert calibration.gap("a", "fp32", "fp32") == pytest.approx(0.01)
-    # Never profiled from fp32 into int8: the int8 -> int8 time stands in.
+    # Never profiled from fp32 into int8, so the int8 -> int8 time is used.
     assert calibration.gap("a", "fp32", "int8") == pytest.approx(0.03)
     assert calibration.gap("b", "int8", "io") == 0.0
 
@@ -827,7 +827,7 @@ def test_predict_plan_with_gaps_prices_compute_and_gaps():
     assert prediction.edges_ms == 0.0
 
 
-def test_gap_after_a_pruned_layer_scales_with_its_output():
+def test_gap_scales_with_pruned_output():
     calibration = Calibration(
         0.0,
         1.0,

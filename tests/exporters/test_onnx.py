@@ -285,7 +285,7 @@ def residual(tmp_path_factory):
     return path, proto, convs
 
 
-def test_float_region_nodes_skip_add_next_to_float_layer(residual):
+def test_float_region_skips_mixed_add(residual):
     from exporters.onnx import float_region_nodes
 
     _, proto, convs = residual
