@@ -279,21 +279,32 @@ def _int8_islands(plans: list[Plan], choices, neighbours, method: str) -> list[P
     # path is far slower than per-channel int8: 1.4 ms against 0.26 ms for a
     # 240-channel 5x5 depthwise conv at 28 x 28 on an AVX-512 Xeon. So such a
     # layer is made per-channel int8 instead where int8 is one of its options.
+    # A layer that must stay float (--keep-float) makes its neighbour after
+    # it, or else before it, float instead.
     by_name = {c.name: c for c in choices}
     changed = 0
     result: dict[tuple, Plan] = {}
+
     for plan in plans:
         layers = dict(plan.layers)
-        while True:
-            flips = [
-                name
-                for name in runtime_int8(layers, neighbours, method)
-                if dataclasses.replace(layers[name], precision="int8") in by_name[name].options
-            ]
-            if not flips:
+        # Each round only adds int8 between int8 layers or float beside a
+        # float layer, so it settles; the bound is a guard.
+        for _ in range(2 * len(layers) + 1):
+            changes = {}
+            for name in runtime_int8(layers, neighbours, method):
+                int8 = dataclasses.replace(layers[name], precision="int8")
+                if int8 in by_name[name].options:
+                    changes[name] = int8
+                    continue
+                for side in reversed(neighbours[name]):
+                    fp32 = dataclasses.replace(layers[side], precision="fp32")
+                    if fp32 in by_name[side].options:
+                        changes[side] = fp32
+                        break
+            if not changes:
                 break
-            for name in flips:
-                layers[name] = dataclasses.replace(layers[name], precision="int8")
+            layers.update(changes)
+
         if layers != plan.layers:
             changed += 1
             distortion = sum(by_name[n].distortion[o] for n, o in layers.items())
@@ -302,7 +313,8 @@ def _int8_islands(plans: list[Plan], choices, neighbours, method: str) -> list[P
     if changed:
         logger.info(
             "    %d plan(s) put float layers between int8 layers, which ONNX Runtime would run in "
-            "per-tensor int8; those layers are per-channel int8 instead",
+            "per-tensor int8; those layers are per-channel int8 instead, or a neighbour of a "
+            "layer kept in float is float too",
             changed,
         )
     return sorted(result.values(), key=lambda p: p.predicted_latency_ms)

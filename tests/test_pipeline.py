@@ -18,7 +18,7 @@ from torch import nn
 import deploy
 from deploy.errors import DeployError
 from deploy.pipeline import OptimizeConfig
-from deploy.planner import Option, Plan
+from deploy.planner import LayerChoices, Option, Plan
 from deploy.profiles import load_profile
 from deploy.variants import materialize
 from deploy.zoo.digits import build_model
@@ -309,3 +309,41 @@ def test_passes_limit_search_space():
     config = OptimizeConfig(passes=("quantize",), space=SearchSpace(keep_ratios=(0.5,)))
     assert config.space.passes == ("quantize",)
     assert config.space.keep_ratios == (0.5,)
+
+
+def _chain_choices(float_only: set[str]) -> list[LayerChoices]:
+    fp32, int8 = Option("dense", "fp32"), Option("dense", "int8")
+    return [
+        LayerChoices(
+            name,
+            None,
+            False,
+            [fp32] if name in float_only else [fp32, int8],
+            {},
+            {fp32: 0.0, int8: 0.1},
+        )
+        for name in "abc"
+    ]
+
+
+def test_int8_islands_quantize_sandwiched_float():
+    from deploy.plan_stage import _int8_islands
+
+    fp32, int8 = Option("dense", "fp32"), Option("dense", "int8")
+    neighbours = {"a": (None, "b"), "b": ("a", "c"), "c": ("b", None)}
+    plan = Plan({"a": int8, "b": fp32, "c": int8}, 1.0, 0.2)
+    (fixed,) = _int8_islands([plan], _chain_choices(set()), neighbours, "static")
+    assert fixed.layers == {"a": int8, "b": int8, "c": int8}
+
+
+def test_int8_islands_keep_float_neighbour():
+    from deploy.plan_stage import _int8_islands
+
+    fp32, int8 = Option("dense", "fp32"), Option("dense", "int8")
+    neighbours = {"a": (None, "b"), "b": ("a", "c"), "c": ("b", None)}
+    plan = Plan({"a": int8, "b": fp32, "c": int8}, 1.0, 0.2)
+    # b is kept in float, so ONNX Runtime must not see it between two int8
+    # layers: the layer after it goes back to fp32.
+    (fixed,) = _int8_islands([plan], _chain_choices({"b"}), neighbours, "static")
+    assert fixed.layers == {"a": int8, "b": fp32, "c": fp32}
+    assert fixed.predicted_distortion == pytest.approx(0.1)
