@@ -33,8 +33,13 @@ class _Parser(argparse.ArgumentParser):
                 options += [s for a in sub._actions for s in a.option_strings]
         hint = f"; see '{self.prog} --help'"
         if unknown:
-            close = difflib.get_close_matches(unknown[0].split("=")[0], sorted(set(options)), n=3)
-            if close:
+            flag = unknown[0].split("=")[0]
+            own = {s for a in self._actions for s in a.option_strings}
+            close = difflib.get_close_matches(flag, sorted(set(options)), n=3)
+            if flag in own:
+                # A global option such as --debug given after the command.
+                hint = f"; put {flag} before the command: '{self.prog} {flag} COMMAND ...'"
+            elif close:
                 hint = f"; did you mean {' or '.join(close)}?{hint}"
         # Arguments may hold control characters; escape them to keep one line.
         line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in f"{message}{hint}")
@@ -57,6 +62,18 @@ def _floats(text: str) -> list[float]:
             f"budget {bad[0]} ms is not a positive, finite number of milliseconds"
         )
     return values
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 <= value <= 600):
+        raise argparse.ArgumentTypeError(
+            f"{text} s is outside 0 to 600 seconds; the default is 10, 0 keeps the fewest rounds"
+        )
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -149,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optimize.add_argument(
         "--min-timing-s",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="least time the alternating timing rounds take, so that a burst of load on a "

@@ -75,7 +75,7 @@ def profile_rounds(
     rounds: int = SESSIONS,
     runs: int = 20,
     min_seconds: float = 0.0,
-    max_rounds: int = 30,
+    max_rounds: int = 1000,
 ) -> tuple[float, list[list[tuple[str, str, float]]]]:
     """Time and profile every model, round-robin, each in fresh sessions.
 

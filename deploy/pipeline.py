@@ -640,9 +640,10 @@ def _run(
                 "batch_size": 1,
                 "input_shapes": [[1, *a.shape[1:]] for a in validation_set.inputs],
                 "warmup_excluded": True,
-                "side_by_side": "p50 and p90 are medians over alternating rounds (at least 5, "
-                f"and at least {config.min_timing_s:g} s in all; each entry's latency_ms.rounds) "
-                "that time the baseline and every valid variant on the same input",
+                "side_by_side": "p50 and p90 are medians over alternating rounds that time "
+                "the baseline and every valid variant on the same input: at least 5 rounds"
+                + (f", spanning at least {config.min_timing_s:g} s" if config.min_timing_s else "")
+                + " (each entry's latency_ms.rounds)",
                 "cold_start": "a fresh session's creation plus its first run, reported as "
                 "cold_ms apart from p50 and p90",
             },

@@ -178,6 +178,11 @@ def plan_variants(
                 layers,
                 costs,
             )
+            # The rates tell a plan whose weights fit in the core's private
+            # cache from the baseline only where the baseline's do not.
+            cache = profile.data["device"].get("cache_bytes") or core_cache_bytes()
+            if cache and base_weights > 2 * cache:
+                fit = dataclasses.replace(fit, private_cache_bytes=cache)
             logger.info(
                 "    in-model rates of %d of %d layers and the time between layers in %d "
                 "contexts, from the fp32 baseline and %d quantized copies profiled side by side",

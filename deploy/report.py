@@ -75,7 +75,8 @@ def report_markdown(manifest: dict) -> str:
         f"{baseline['latency_ms'].get('runs', manifest['protocol']['runs'])} "
         f"timed runs per model in all; p50 and p90 are medians over the rounds. "
         f"Predicted ms is the latency model's figure, recalibrated to the baseline's "
-        f"side-by-side p50 (the baseline's own is its p50 when validated). "
+        f"side-by-side p50; the baseline's own is the latency model's figure for it "
+        f"when the model was calibrated, before the variants were built. "
         f"Validation on {manifest['data']['validation_samples']} "
         f"held-out samples. `*` marks the frontier.",
         "",

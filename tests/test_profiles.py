@@ -839,3 +839,20 @@ def test_gap_scales_with_pruned_output():
     assert calibration.gaps_ms(precisions, {"a": 1000.0}) == pytest.approx(0.04)
     # Half the channels kept: the pool after it reads half as much.
     assert calibration.gaps_ms(precisions, {"a": 500.0}) == pytest.approx(0.02)
+
+
+def test_streaming_share_ramps_over_cache():
+    calibration = Calibration(0.0, 1.0, private_cache_bytes=1000)
+    assert calibration.streaming_share(800.0) == 0.0
+    assert calibration.streaming_share(1500.0) == pytest.approx(0.5)
+    assert calibration.streaming_share(5000.0) == 1.0
+    assert Calibration(0.0, 1.0).streaming_share(10.0) == 1.0
+
+
+def test_compute_ms_in_cache_drops_rate():
+    entry = _entry(p50_ms=0.52, call_ms=0.02, layout_ms=0.1)
+    calibration = Calibration(0.0, 1.0, rates={"a|fp32": 1.5})
+    # 0.4 ms of compute: at the full rate, at half of its excess, and at none.
+    assert calibration.compute_ms("a", entry) == pytest.approx(0.6)
+    assert calibration.compute_ms("a", entry, streaming=0.5) == pytest.approx(0.5)
+    assert calibration.compute_ms("a", entry, streaming=0.0) == pytest.approx(0.4)

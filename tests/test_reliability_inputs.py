@@ -272,6 +272,10 @@ BAD_OPTIONS = {
     "unknown pass": (["--passes", "distill"], ["'distill'", "lowrank, prune, quantize"]),
     "unknown task": (["--task", "detection"], ["'detection'", "classification"]),
     "empty keep float": (["--keep-float", " , "], ["no layer name"]),
+    "negative min timing": (["--min-timing-s", "-1"], ["--min-timing-s", "-1 s", "0 to 600"]),
+    "huge min timing": (["--min-timing-s", "1e9"], ["--min-timing-s", "1e9 s", "0 to 600"]),
+    "text min timing": (["--min-timing-s", "soon"], ["'soon'", "seconds"]),
+    "debug after command": (["--debug"], ["--debug", "before the command"]),
 }
 
 
