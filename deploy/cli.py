@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=None,
         metavar="SECONDS",
-        help="least time the alternating timing rounds take, so that a burst of load on a "
+        help="minimum time, in seconds, that the alternating timing rounds take, so that a burst of load on a "
         "shared machine meets few of them (default: 10; 0 for the fewest rounds)",
     )
     optimize.add_argument(

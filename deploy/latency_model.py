@@ -298,8 +298,8 @@ class Calibration:
         The rates are fitted on the baseline, and where its weights exceed
         twice the core's private cache, every call reads them again from the
         shared cache or memory. Load from other
-        tenants of a shared machine slows that: a digits baseline of 3.1 MB
-        ran at 1.0-1.8 ms within one minute on an AMD EPYC with a 512 KB L2,
+        tenants of a shared machine slows that. On an AMD EPYC with a 512 KB
+        L2, a digits baseline of 3.1 MB ran at 1.0-1.8 ms within one minute,
         while its variants whose weights fit in the L2 kept their speed. So
         the share is 0 for weights within ``private_cache_bytes``, rises
         linearly to 1 at twice that, and is 1 without a cache size.
