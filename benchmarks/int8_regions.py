@@ -1,7 +1,7 @@
 """Quantize one layer of EfficientNet-Lite0: every Add quantized, or only those inside int8 regions.
 
 ONNX Runtime's static quantizer quantizes every operator type it knows
-unless told to skip it. Skipping only the float layers, as deploy did
+unless the node is excluded. Skipping only the float layers, as deploy did
 before, left each residual Add quantized, with a QuantizeLinear and a
 DequantizeLinear around every block, even in a variant whose only int8
 layer is the classifier. ``exporters.onnx.float_region_nodes`` now skips

@@ -114,7 +114,7 @@ class OptimizeConfig:
             similarity >= 0.99). Defaults to ``classification``.
         max_calibration_samples: cap on samples used for sensitivity and
             quantization calibration. Defaults to 256.
-        min_timing_s: the least time, in seconds, that the alternating
+        min_timing_s: the minimum time, in seconds, that the alternating
             rounds of the calibration profiles and of the side-by-side
             timing take; on a shared machine a burst of load lasts seconds.
             0 keeps the fewest rounds (3 and 5). Defaults to 10.

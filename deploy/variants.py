@@ -87,7 +87,7 @@ def materialize(
 
 
 def export_onnx(model, example_inputs, path: Path, names, axes) -> None:
-    """Export ``model`` to ONNX at ``path``; a failure becomes a DeployError that says what to change."""
+    """Export ``model`` to ONNX at ``path``; a failure raises a DeployError that names what to change."""
     try:
         onnx_from_torch(
             model,
